@@ -1,0 +1,375 @@
+//! The provider SPI: the one trait a storage provider implements.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::{JobId, JobState, Priority, Result};
+
+/// When a new job becomes due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RunAt {
+    /// Due at once.
+    #[default]
+    Now,
+    /// Due this long after the backend stores it (measured by the backend's clock).
+    After(Duration),
+    /// Due at this instant; an instant in the past means now.
+    At(DateTime<Utc>),
+}
+
+/// A job to store, as the [`JobManager`](crate::JobManager) prepared it (arguments encoded).
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// The id, made by the client; storing a job whose id exists is a no-op where the backend
+    /// has [`Capabilities::dedup_by_id`].
+    pub id: JobId,
+    /// The job name ([`JobArgs::NAME`](crate::JobArgs::NAME)).
+    pub name: String,
+    /// The queue.
+    pub queue: String,
+    /// The encoded arguments.
+    pub payload: Vec<u8>,
+    /// The priority.
+    pub priority: Priority,
+    /// When it becomes due.
+    pub run_at: RunAt,
+    /// The most attempts it gets (at least 1).
+    pub max_attempts: u32,
+    /// The limit on one attempt.
+    pub timeout: Option<Duration>,
+}
+
+/// A stored job, as inspection and claims return it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// The id.
+    pub id: JobId,
+    /// The job name.
+    pub name: String,
+    /// The queue.
+    pub queue: String,
+    /// The encoded arguments.
+    pub payload: Vec<u8>,
+    /// The priority.
+    pub priority: Priority,
+    /// The state.
+    pub state: JobState,
+    /// Attempts started so far (counted when claimed).
+    pub attempt: u32,
+    /// The most attempts it gets.
+    pub max_attempts: u32,
+    /// The limit on one attempt.
+    pub timeout: Option<Duration>,
+    /// When it was stored.
+    pub enqueued_at: DateTime<Utc>,
+    /// When it is (or was) due.
+    pub run_at: DateTime<Utc>,
+    /// The error of the last failed attempt.
+    pub last_error: Option<String>,
+    /// When the current lease ends (running jobs).
+    pub lease_until: Option<DateTime<Utc>>,
+    /// When it succeeded or died.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// The fencing token of one claim: a finish or heartbeat with an older token is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseToken(pub u64);
+
+impl LeaseToken {
+    /// A random token.
+    pub fn random() -> Self {
+        LeaseToken(fastrand::u64(1..))
+    }
+}
+
+/// A job claimed under a lease.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    /// The job, in state `Running`, with its attempt already counted.
+    pub job: Job,
+    /// The fencing token of this claim.
+    pub token: LeaseToken,
+}
+
+/// What to claim.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    /// The queue to claim from.
+    pub queue: &'a str,
+    /// Only jobs with these names (the server's registered handlers).
+    ///
+    /// A backend without [`Capabilities::filter_by_name`] may return other names; the server
+    /// then fails them as retryable with a reason naming the job.
+    pub names: &'a [String],
+    /// At most this many jobs.
+    pub limit: usize,
+    /// The lease each claimed job gets.
+    pub lease: Duration,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// It succeeded. With `keep: false` the job is deleted at once (retention 0).
+    Succeeded {
+        /// Keep the record until retention prunes it.
+        keep: bool,
+    },
+    /// It failed and runs again after `delay` (backend clock).
+    Retry {
+        /// The wait before the next attempt.
+        delay: Duration,
+        /// The reason, stored as `last_error`.
+        error: String,
+    },
+    /// It failed for good.
+    Dead {
+        /// The reason, stored as `last_error`.
+        error: String,
+    },
+    /// Hand the job back without spending the attempt (shutdown): it is `Ready` again at once.
+    Release,
+}
+
+/// One finished attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finish {
+    /// The job.
+    pub id: JobId,
+    /// The token of the claim that ran it.
+    pub token: LeaseToken,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// What the periodic maintenance does in one call; each part is bounded by `batch`.
+#[derive(Debug, Clone, Copy)]
+pub struct Maintenance {
+    /// The most rows or entries each part touches.
+    pub batch: usize,
+    /// Succeeded jobs older than this are removed.
+    pub succeeded_ttl: Duration,
+    /// Dead jobs older than this are removed.
+    pub dead_ttl: Duration,
+}
+
+/// What one maintenance call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaintenanceReport {
+    /// Scheduled or retrying jobs made ready.
+    pub promoted: u64,
+    /// Running jobs whose lease expired, made ready again.
+    pub recovered: u64,
+    /// Running jobs whose lease expired on their last attempt, now dead.
+    pub expired_dead: u64,
+    /// Succeeded and dead jobs removed by retention.
+    pub pruned: u64,
+}
+
+impl MaintenanceReport {
+    /// Whether some part used its whole batch, so another call right away has work.
+    pub fn is_saturated(&self, batch: usize) -> bool {
+        let b = batch as u64;
+        self.promoted >= b || self.recovered + self.expired_dead >= b || self.pruned >= b
+    }
+}
+
+/// Which jobs to list.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Only this state.
+    pub state: Option<JobState>,
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this job name.
+    pub name: Option<String>,
+    /// At most this many (0 means 100).
+    pub limit: usize,
+    /// Skip this many (ordered by id, oldest first).
+    pub offset: usize,
+}
+
+/// How many jobs are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Waiting for a first run-at in the future.
+    pub scheduled: u64,
+    /// Due.
+    pub ready: u64,
+    /// Claimed.
+    pub running: u64,
+    /// Waiting for a retry.
+    pub retrying: u64,
+    /// Succeeded and kept.
+    pub succeeded: u64,
+    /// Dead and kept.
+    pub dead: u64,
+}
+
+impl Counts {
+    /// The count for one state.
+    pub fn get(&self, state: JobState) -> u64 {
+        match state {
+            JobState::Scheduled => self.scheduled,
+            JobState::Ready => self.ready,
+            JobState::Running => self.running,
+            JobState::Retrying => self.retrying,
+            JobState::Succeeded => self.succeeded,
+            JobState::Dead => self.dead,
+        }
+    }
+
+    /// A mutable count for one state.
+    pub fn get_mut(&mut self, state: JobState) -> &mut u64 {
+        match state {
+            JobState::Scheduled => &mut self.scheduled,
+            JobState::Ready => &mut self.ready,
+            JobState::Running => &mut self.running,
+            JobState::Retrying => &mut self.retrying,
+            JobState::Succeeded => &mut self.succeeded,
+            JobState::Dead => &mut self.dead,
+        }
+    }
+
+    /// All jobs counted.
+    pub fn total(&self) -> u64 {
+        JobState::ALL.iter().map(|s| self.get(*s)).sum()
+    }
+}
+
+/// What a backend can do beyond the core contract.
+///
+/// A call that needs a missing capability returns [`Error::Unsupported`](crate::Error::Unsupported),
+/// never a silent approximation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Storing a job whose id exists is a no-op (a retried `enqueue` makes no second job).
+    pub dedup_by_id: bool,
+    /// Claims honour [`ClaimRequest::names`].
+    pub filter_by_name: bool,
+    /// `get` answers for any job.
+    pub get_job: bool,
+    /// `list` answers.
+    pub list_jobs: bool,
+    /// `cancel` removes a waiting job.
+    pub cancel: bool,
+    /// Enqueue inside the caller's database transaction (provider-specific API).
+    pub transactional_enqueue: bool,
+    /// The `lock_*` methods work.
+    pub locks: bool,
+    /// An acknowledged job survives a restart of the process.
+    pub durable: bool,
+}
+
+impl Capabilities {
+    /// Every capability.
+    pub const ALL: Capabilities = Capabilities {
+        dedup_by_id: true,
+        filter_by_name: true,
+        get_job: true,
+        list_jobs: true,
+        cancel: true,
+        transactional_enqueue: true,
+        locks: true,
+        durable: true,
+    };
+}
+
+/// The storage of jobs: the one trait a provider implements.
+///
+/// The [`JobServer`](crate::JobServer), the [`JobManager`](crate::JobManager) and the
+/// inspection API hold it as `Arc<dyn Backend>`; providers never write enqueue or retry logic.
+///
+/// # Contract
+///
+/// - **Durable push**: `push` returns only once every job is stored; a batch is all or nothing
+///   where the backend allows (the provider documents it otherwise).
+/// - **Order**: among due jobs of a queue, higher priority first, then earlier run-at, then
+///   earlier id.
+/// - **Attempts are counted at claim**, and a `Release` gives the attempt back.
+/// - **Fencing**: `finish` and `heartbeat` apply only with the token of the current claim.
+/// - **The backend's clock** decides when a job is due and when a lease expires.
+/// - **Bounded work**: every call touches at most the batch it was given.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// A short name for logs and errors (`"memory"`, `"postgres"`, …).
+    fn name(&self) -> &'static str;
+
+    /// What this backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Stores jobs; returns their ids in order.
+    ///
+    /// # Contract
+    /// Returns only when every job is stored. With `dedup_by_id`, a job whose id exists is left
+    /// as it is and its id returned.
+    async fn push(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>>;
+
+    /// Claims up to `req.limit` due jobs of one queue, in priority order, under a lease.
+    ///
+    /// # Contract
+    /// Each returned job is `Running`, its `attempt` incremented, `lease_until` set to the
+    /// backend's now + `req.lease`, and a fresh token issued. Two concurrent claims never
+    /// return the same job while its lease holds.
+    async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>>;
+
+    /// Applies finished attempts; returns, per item, whether it applied.
+    ///
+    /// # Contract
+    /// An item applies only if the job is `Running` with the same token; otherwise it is
+    /// ignored (`false`): a newer claim owns the job.
+    async fn finish(&self, batch: &[Finish]) -> Result<Vec<bool>>;
+
+    /// Extends the leases of running jobs to now + `lease`; returns, per item, whether the lease was still held.
+    async fn heartbeat(&self, leases: &[(JobId, LeaseToken)], lease: Duration)
+        -> Result<Vec<bool>>;
+
+    /// Waits until a job may have become due on `queue`, or `timeout` passes.
+    ///
+    /// # Contract
+    /// `seen` is the value this method last returned (0 at first). It returns at once with a
+    /// newer value when jobs were pushed to the queue since then, so a push between an empty
+    /// claim and this call is never missed. A backend without a signal sleeps for `timeout`.
+    /// Spurious returns are allowed.
+    async fn wait(&self, queue: &str, seen: u64, timeout: Duration) -> Result<u64>;
+
+    /// Housekeeping: promote due scheduled jobs, recover expired leases (dead when it was the
+    /// last attempt), prune by retention. Each part bounded by `m.batch`.
+    async fn maintain(&self, m: &Maintenance) -> Result<MaintenanceReport>;
+
+    /// One job by id.
+    async fn get(&self, id: JobId) -> Result<Option<Job>>;
+
+    /// Jobs matching a filter, ordered by id.
+    async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>>;
+
+    /// How many jobs are in each state, for one queue or all.
+    async fn counts(&self, queue: Option<&str>) -> Result<Counts>;
+
+    /// Removes a waiting job (scheduled, ready or retrying); `false` if it was not waiting.
+    async fn cancel(&self, id: JobId) -> Result<bool>;
+
+    /// Makes a dead job ready again with a fresh set of attempts; `false` if it was not dead.
+    async fn retry_dead(&self, id: JobId) -> Result<bool>;
+
+    /// Removes a job that is not running; `false` if there was none (or it is running).
+    async fn delete(&self, id: JobId) -> Result<bool>;
+
+    /// Removes every job in `state` (never `Running`), for one queue or all; returns how many.
+    async fn purge(&self, state: JobState, queue: Option<&str>) -> Result<u64>;
+
+    /// Takes the named lock for `ttl` if it is free or expired (or held by `owner`).
+    async fn lock_acquire(&self, name: &str, owner: LeaseToken, ttl: Duration) -> Result<bool>;
+
+    /// Extends the lock if `owner` still holds it.
+    async fn lock_renew(&self, name: &str, owner: LeaseToken, ttl: Duration) -> Result<bool>;
+
+    /// Releases the lock if `owner` holds it.
+    async fn lock_release(&self, name: &str, owner: LeaseToken) -> Result<bool>;
+}
+
+/// `Backend` must stay dyn-compatible: this stops compiling if it does not.
+const _: Option<&dyn Backend> = None;
