@@ -446,15 +446,14 @@ impl JobServer {
             run.hard.cancel();
             run.tracker.wait().await;
         }
-        // Every job task has sent its result; close the channel so the finisher drains and ends.
-        let finish_tx = run.finish_tx.clone();
+        // Every job task has sent its result. Stop the heartbeat (it holds a handle on the
+        // run), then close the channel so the result writer drains it and ends.
+        background.cancel();
+        let _ = heart.await;
         drop(run);
-        drop(finish_tx);
         if let Err(e) = finisher.await {
             tracing::error!(error = %e, "result writer failed");
         }
-        background.cancel();
-        let _ = heart.await;
         let _ = maint.await;
         tracing::info!("job server stopped");
         Ok(())
@@ -654,10 +653,15 @@ async fn run_job(run: Arc<Run>, claimed: ClaimedJob, permit: OwnedSemaphorePermi
                 },
             }
         };
-        let ended = tokio::select! {
-            e = limited => e,
+        let mut ended = tokio::select! {
+            biased;
             _ = cancel.cancelled() => Ended::Cancelled,
+            e = limited => e,
         };
+        // A handler that returns an error because the shutdown cancelled it is handed back too.
+        if run.hard.is_cancelled() && !matches!(ended, Ended::Done(Ok(()))) {
+            ended = Ended::Cancelled;
+        }
         match ended {
             Ended::Done(Ok(())) => {
                 tracing::debug!("job succeeded");

@@ -222,7 +222,7 @@ impl Backend for MemoryBackend {
                 let run_at = match new.run_at {
                     RunAt::Now => now,
                     RunAt::After(d) => now + to_chrono(d),
-                    RunAt::At(t) => t.max(now),
+                    RunAt::At(t) => t,
                 };
                 let due = run_at <= now;
                 let job = Job {
