@@ -419,6 +419,9 @@ impl JobServer {
             idle_exit,
         });
         let background = CancellationToken::new();
+        // If this future is dropped mid-run (its task aborted), stop everything it spawned:
+        // a heartbeat left running would keep abandoned leases alive forever.
+        let _guard = CancelOnDrop([background.clone(), run.hard.clone(), run.draining.clone()]);
         let finisher = tokio::spawn(finisher(inner.clone(), finish_rx));
         let heart = tokio::spawn(heartbeat_loop(run.clone(), background.clone()));
         let maint = tokio::spawn(maintenance_loop(inner.clone(), background.clone()));
@@ -457,6 +460,16 @@ impl JobServer {
         let _ = maint.await;
         tracing::info!("job server stopped");
         Ok(())
+    }
+}
+
+struct CancelOnDrop<const N: usize>([CancellationToken; N]);
+
+impl<const N: usize> Drop for CancelOnDrop<N> {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.cancel();
+        }
     }
 }
 
