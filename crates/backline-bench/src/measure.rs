@@ -1,0 +1,325 @@
+//! The rows every provider gets: enqueue, drain and latency through Backline's own API.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use backline_core::{
+    Backend, BackgroundJob, JobArgs, JobContext, JobError, JobManager, JobServer, ServerConfig,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::report::{thousands, Row, Unit};
+use crate::{Plan, Provider, Result};
+
+/// The longest the latency run waits for its last job before it fails.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A job that does nothing.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Noop;
+
+impl JobArgs for Noop {
+    const NAME: &'static str = "bench.noop";
+}
+
+/// Runs [`Noop`] jobs and counts them.
+struct NoopHandler(Arc<AtomicUsize>);
+
+impl BackgroundJob for NoopHandler {
+    type Args = Noop;
+    async fn execute(&self, _: Noop, _: JobContext) -> std::result::Result<(), JobError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The process's reference instant: a job carries its enqueue time as nanoseconds since it.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A job that carries the instant it was enqueued.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stamped {
+    /// Nanoseconds since [`epoch`] when `enqueue` was called.
+    sent: u64,
+}
+
+impl JobArgs for Stamped {
+    const NAME: &'static str = "bench.stamped";
+}
+
+/// The waits seen by the handlers of one latency run.
+struct Waits {
+    nanos: Mutex<Vec<u64>>,
+    expected: usize,
+    all_seen: Notify,
+}
+
+struct StampedHandler(Arc<Waits>);
+
+impl BackgroundJob for StampedHandler {
+    type Args = Stamped;
+    async fn execute(&self, args: Stamped, _: JobContext) -> std::result::Result<(), JobError> {
+        let wait = nanos_since_epoch().saturating_sub(args.sent);
+        let seen = {
+            let mut v = self.0.nanos.lock().map_err(|_| JobError::msg("poisoned"))?;
+            v.push(wait);
+            v.len()
+        };
+        if seen == self.0.expected {
+            self.0.all_seen.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// Repeats one measurement `plan.runs` times, each on a fresh backend.
+async fn repeat<F, Fut>(provider: Provider, plan: &Plan, mut once: F) -> Result<Vec<f64>>
+where
+    F: FnMut(Arc<dyn Backend>) -> Fut,
+    Fut: std::future::Future<Output = Result<f64>>,
+{
+    let mut runs = Vec::with_capacity(plan.runs);
+    for _ in 0..plan.runs {
+        let backend = provider.backend().await?;
+        runs.push(once(backend).await?);
+    }
+    Ok(runs)
+}
+
+fn per_second(jobs: usize, took: Duration) -> f64 {
+    jobs as f64 / took.as_secs_f64().max(1e-9)
+}
+
+/// Every Backline-level row for one provider.
+pub(crate) async fn rows(provider: Provider, plan: &Plan) -> Result<Vec<Row>> {
+    let n = plan.jobs;
+    let mut rows = Vec::new();
+
+    let tasks = plan.enqueue_tasks;
+    let runs = repeat(provider, plan, |b| enqueue_one_by_one(b, n, tasks)).await?;
+    rows.push(Row::new(
+        format!("enqueue_single_{tasks}_tasks"),
+        format!("enqueue one by one, {tasks} tasks"),
+        n,
+        Unit::JobsPerSecond,
+        runs,
+    ));
+
+    let batch = plan.batch;
+    let runs = repeat(provider, plan, |b| enqueue_batches(b, n, batch)).await?;
+    rows.push(Row::new(
+        format!("enqueue_batch_{batch}"),
+        format!("enqueue in batches of {}", thousands(batch as f64)),
+        n,
+        Unit::JobsPerSecond,
+        runs,
+    ));
+
+    for &c in &plan.concurrencies {
+        let runs = repeat(provider, plan, |b| drain(b, n, c, Duration::ZERO)).await?;
+        rows.push(Row::new(
+            format!("drain_c{c}"),
+            format!("drain no-op jobs, concurrency {c}"),
+            n,
+            Unit::JobsPerSecond,
+            runs,
+        ));
+    }
+    if let Some(&c) = plan.concurrencies.last() {
+        let keep = ServerConfig::default().succeeded_ttl;
+        let runs = repeat(provider, plan, |b| drain(b, n, c, keep)).await?;
+        rows.push(Row::new(
+            format!("drain_c{c}_kept"),
+            format!("drain, concurrency {c}, succeeded kept 1 h"),
+            n,
+            Unit::JobsPerSecond,
+            runs,
+        ));
+    }
+
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    for _ in 0..plan.runs {
+        let backend = provider.backend().await?;
+        let (a, b) = latency(backend, plan.rate, plan.latency_for).await?;
+        p50.push(a);
+        p99.push(b);
+    }
+    let sent = (plan.rate as f64 * plan.latency_for.as_secs_f64()).round() as usize;
+    let what = format!(
+        "{}/s for {} s",
+        thousands(plan.rate as f64),
+        plan.latency_for.as_secs_f64()
+    );
+    rows.push(Row::new(
+        "latency_p50".into(),
+        format!("enqueue-to-start p50, {what}"),
+        sent,
+        Unit::Micros,
+        p50,
+    ));
+    rows.push(Row::new(
+        "latency_p99".into(),
+        format!("enqueue-to-start p99, {what}"),
+        sent,
+        Unit::Micros,
+        p99,
+    ));
+    Ok(rows)
+}
+
+/// Fails unless exactly `n` jobs are ready: an enqueue that lost jobs measures nothing.
+async fn expect_ready(backend: &Arc<dyn Backend>, n: usize) -> Result<()> {
+    let counts = backend.counts(None).await?;
+    if counts.ready != n as u64 || counts.total() != n as u64 {
+        return Err(format!("expected {n} ready jobs, found {counts:?}").into());
+    }
+    Ok(())
+}
+
+/// `n` jobs enqueued with one `enqueue` call each, from `tasks` concurrent tasks; jobs/s.
+async fn enqueue_one_by_one(backend: Arc<dyn Backend>, n: usize, tasks: usize) -> Result<f64> {
+    let manager = JobManager::new(backend.clone());
+    let mut set = JoinSet::new();
+    let start = Instant::now();
+    for t in 0..tasks {
+        let share = n / tasks + usize::from(t < n % tasks);
+        let manager = manager.clone();
+        set.spawn(async move {
+            for _ in 0..share {
+                manager.enqueue(Noop).await?;
+            }
+            Ok::<(), backline_core::Error>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    let took = start.elapsed();
+    expect_ready(&backend, n).await?;
+    Ok(per_second(n, took))
+}
+
+/// `n` jobs enqueued `batch` at a time from one task; jobs/s.
+async fn enqueue_batches(backend: Arc<dyn Backend>, n: usize, batch: usize) -> Result<f64> {
+    let manager = JobManager::new(backend.clone());
+    let start = Instant::now();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(batch);
+        manager.enqueue_batch((0..k).map(|_| Noop)).await?;
+        left -= k;
+    }
+    let took = start.elapsed();
+    expect_ready(&backend, n).await?;
+    Ok(per_second(n, took))
+}
+
+/// Enqueues `n` no-op jobs (not timed), then times a server draining them at concurrency `c`
+/// with `run_until_idle`; jobs/s.
+async fn drain(backend: Arc<dyn Backend>, n: usize, c: usize, keep: Duration) -> Result<f64> {
+    let manager = JobManager::new(backend.clone());
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(1_000);
+        manager.enqueue_batch((0..k).map(|_| Noop)).await?;
+        left -= k;
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let server = JobServer::builder(backend.clone())
+        .register(NoopHandler(done.clone()))
+        .queue(backline_core::DEFAULT_QUEUE, c)
+        .configure(|cfg| {
+            cfg.claim_batch = c.min(1_000);
+            cfg.succeeded_ttl = keep;
+        })
+        .build()?;
+    let start = Instant::now();
+    server.run_until_idle().await?;
+    let took = start.elapsed();
+    let ran = done.load(Ordering::Relaxed);
+    let counts = backend.counts(None).await?;
+    let left = counts.total() - counts.succeeded;
+    if ran != n || left != 0 {
+        return Err(format!("drain ran {ran} of {n} jobs and left {counts:?}").into());
+    }
+    Ok(per_second(n, took))
+}
+
+/// The `p`-th percentile (nearest rank) of sorted values.
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Enqueues one job at a time at `rate` per second for `duration` while a server in its
+/// default configuration runs them; the p50 and p99 of enqueue-to-start, in microseconds.
+async fn latency(backend: Arc<dyn Backend>, rate: usize, duration: Duration) -> Result<(f64, f64)> {
+    let total = ((rate as f64) * duration.as_secs_f64()).round() as usize;
+    let waits = Arc::new(Waits {
+        nanos: Mutex::new(Vec::with_capacity(total)),
+        expected: total,
+        all_seen: Notify::new(),
+    });
+    let server = JobServer::builder(backend.clone())
+        .register(StampedHandler(waits.clone()))
+        .build()?;
+    let running = server.start();
+    let manager = JobManager::new(backend);
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    for i in 0..total {
+        tokio::time::sleep_until(start + period * i as u32).await;
+        manager
+            .enqueue(Stamped {
+                sent: nanos_since_epoch(),
+            })
+            .await?;
+    }
+    let late = start.elapsed().saturating_sub(duration);
+    if late > duration / 10 {
+        eprintln!("  warning: enqueueing fell behind the rate by {late:?}");
+    }
+    let finished = tokio::time::timeout(PATIENCE, waits.all_seen.notified()).await;
+    running.shutdown().await?;
+    if finished.is_err() {
+        let seen = waits.nanos.lock().map_or(0, |v| v.len());
+        return Err(format!("only {seen} of {total} jobs started within {PATIENCE:?}").into());
+    }
+    let mut nanos = waits
+        .nanos
+        .lock()
+        .map_err(|_| "a handler panicked")?
+        .clone();
+    nanos.sort_unstable();
+    let micros = |p| percentile(&nanos, p) as f64 / 1_000.0;
+    Ok((micros(50.0), micros(99.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&v, 100.0), 100);
+        assert_eq!(percentile(&[7], 99.0), 7);
+        assert_eq!(percentile(&[], 50.0), 0);
+    }
+}
