@@ -241,7 +241,10 @@ impl JobManager {
     /// [`Error::Unsupported`], since a retried enqueue would silently make a second job.
     pub async fn enqueue_with<A: JobArgs>(&self, args: A, opts: EnqueueOptions) -> Result<JobId> {
         if opts.id.is_some() {
-            self.require(self.backend.capabilities().dedup_by_id, "enqueue with an explicit id")?;
+            self.require(
+                self.backend.capabilities().dedup_by_id,
+                "enqueue with an explicit id",
+            )?;
         }
         let job = self.prepare(&args, opts)?;
         let ids = self.backend.push(vec![job]).await?;

@@ -197,7 +197,11 @@ impl Recorder {
     }
 
     /// Waits until `cond` holds for the events; panics after [`PATIENCE`](crate::PATIENCE).
-    pub async fn wait_until(&self, what: &str, cond: impl Fn(&[Event]) -> bool + Send + Sync) -> Vec<Event> {
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        cond: impl Fn(&[Event]) -> bool + Send + Sync,
+    ) -> Vec<Event> {
         let mut rx = self.changed.subscribe();
         let wait = async {
             loop {

@@ -243,8 +243,11 @@ pub async fn higher_priority_runs_first(h: &dyn Harness) {
         Priority::BelowNormal,
         Priority::AboveNormal,
     ] {
-        s.enqueue_with(Task::ok(format!("{p:?}")), EnqueueOptions::new().priority(p))
-            .await;
+        s.enqueue_with(
+            Task::ok(format!("{p:?}")),
+            EnqueueOptions::new().priority(p),
+        )
+        .await;
     }
     let order = one_slot_order(&s).await;
     assert_eq!(
@@ -338,8 +341,14 @@ pub async fn a_retryable_failure_is_retried_with_backoff(h: &dyn Harness) {
     // The policy waits 50 ms, then 100 ms (no jitter): later attempts never start sooner.
     let gap1 = events[1].started - events[0].started;
     let gap2 = events[2].started - events[1].started;
-    assert!(gap1 >= chrono::Duration::milliseconds(45), "first back-off {gap1}");
-    assert!(gap2 >= chrono::Duration::milliseconds(95), "second back-off {gap2}");
+    assert!(
+        gap1 >= chrono::Duration::milliseconds(45),
+        "first back-off {gap1}"
+    );
+    assert!(
+        gap2 >= chrono::Duration::milliseconds(95),
+        "second back-off {gap2}"
+    );
     let j = job(&s.manager, id).await.expect("job");
     assert_eq!(j.attempt, 3);
     assert_eq!(j.last_error.as_deref(), Some("boom at attempt 2"));
@@ -407,7 +416,10 @@ pub async fn retry_after_reschedules_without_escalation(h: &dyn Harness) {
     assert_eq!(j.attempt, 3);
     let events = s.rec.events();
     let gap = events[2].started - events[1].started;
-    assert!(gap >= chrono::Duration::milliseconds(195), "retry_after honoured: {gap}");
+    assert!(
+        gap >= chrono::Duration::milliseconds(195),
+        "retry_after honoured: {gap}"
+    );
 }
 
 /// Arguments that do not decode end the job dead at once with the reason.
@@ -453,11 +465,16 @@ pub async fn an_unknown_job_name_is_never_lost(h: &dyn Harness) {
     let known = s.enqueue(Task::ok("known")).await;
     s.drain().await;
     assert_eq!(s.state(known).await, Some(JobState::Succeeded));
-    let j = job(&s.manager, unknown).await.expect("the unknown job is kept");
+    let j = job(&s.manager, unknown)
+        .await
+        .expect("the unknown job is kept");
     assert_ne!(j.state, JobState::Succeeded);
     if j.state == JobState::Dead || j.state == JobState::Retrying {
         let err = j.last_error.clone().unwrap_or_default();
-        assert!(err.contains("testkit.unknown"), "reason names the job: {err}");
+        assert!(
+            err.contains("testkit.unknown"),
+            "reason names the job: {err}"
+        );
     }
     if j.state == JobState::Dead {
         assert!(s.manager.retry_dead(unknown).await.expect("retry dead"));
@@ -485,7 +502,10 @@ pub async fn lease_expiry_redelivers_the_job(h: &dyn Harness) {
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].job.attempt, 1);
     // The "worker" dies: nothing finishes or heartbeats this claim.
-    assert!(s.claim(1, Duration::from_secs(5)).await.is_empty(), "leased jobs are not claimable");
+    assert!(
+        s.claim(1, Duration::from_secs(5)).await.is_empty(),
+        "leased jobs are not claimable"
+    );
     let running = s.server().build().expect("server").start();
     let j = s.wait_state(id, JobState::Succeeded).await;
     running.shutdown().await.expect("shutdown");
@@ -601,7 +621,9 @@ pub async fn a_job_that_never_finishes_ends_dead_after_max_attempts(h: &dyn Harn
     }
     let j = eventually("the job to die", || async {
         s.maintain().await;
-        job(&s.manager, id).await.filter(|j| j.state == JobState::Dead)
+        job(&s.manager, id)
+            .await
+            .filter(|j| j.state == JobState::Dead)
     })
     .await;
     assert_eq!(j.attempt, 2);
@@ -630,7 +652,9 @@ pub async fn max_age_abandons_a_job(h: &dyn Harness) {
 /// yet claimed stay ready with no attempt spent.
 pub async fn shutdown_lets_running_jobs_finish_and_leaves_queued_jobs_untouched(h: &dyn Harness) {
     let s = setup(h).await;
-    let running_id = s.enqueue(Task::new("graceful", Action::UntilShutdown)).await;
+    let running_id = s
+        .enqueue(Task::new("graceful", Action::UntilShutdown))
+        .await;
     let running = s
         .server()
         .queue("default", 1)
@@ -672,7 +696,10 @@ pub async fn shutdown_cancels_running_jobs_after_the_grace_period_and_hands_them
     assert_eq!((j.state, j.attempt), (JobState::Ready, 0), "handed back");
     let claimed = s.claim(1, Duration::from_secs(5)).await;
     assert_eq!(claimed.len(), 1);
-    assert_eq!(claimed[0].job.attempt, 1, "the cancelled attempt was given back");
+    assert_eq!(
+        claimed[0].job.attempt, 1,
+        "the cancelled attempt was given back"
+    );
 }
 
 /// No more jobs run at once than the queue's concurrency.
@@ -775,10 +802,7 @@ pub async fn inspection_lists_and_counts_by_state(h: &dyn Harness) {
     let c = s.manager.counts(Some("default")).await.expect("counts");
     assert_eq!((c.ready, c.scheduled, c.total()), (3, 1, 4));
     if !s.backend.capabilities().list_jobs {
-        unsupported(
-            "listing jobs",
-            s.manager.list(&JobFilter::default()).await,
-        );
+        unsupported("listing jobs", s.manager.list(&JobFilter::default()).await);
         return;
     }
     let listed = s
@@ -853,11 +877,17 @@ pub async fn an_operator_can_retry_or_delete_a_dead_job_and_cancel_a_queued_one(
     assert!(s.manager.retry_dead(dead).await.expect("retry"));
     let j = job(&s.manager, dead).await.expect("job");
     assert_eq!((j.state, j.attempt), (JobState::Ready, 0));
-    assert!(!s.manager.retry_dead(dead).await.expect("retry"), "not dead any more");
+    assert!(
+        !s.manager.retry_dead(dead).await.expect("retry"),
+        "not dead any more"
+    );
 
     assert!(s.manager.delete(doomed).await.expect("delete"));
     assert_eq!(s.state(doomed).await, None);
-    assert!(!s.manager.delete(doomed).await.expect("delete"), "already gone");
+    assert!(
+        !s.manager.delete(doomed).await.expect("delete"),
+        "already gone"
+    );
 
     let queued = s
         .enqueue_with(
@@ -867,13 +897,19 @@ pub async fn an_operator_can_retry_or_delete_a_dead_job_and_cancel_a_queued_one(
         .await;
     assert!(s.manager.cancel(queued).await.expect("cancel"));
     assert_eq!(s.state(queued).await, None);
-    assert!(!s.manager.cancel(queued).await.expect("cancel"), "already gone");
+    assert!(
+        !s.manager.cancel(queued).await.expect("cancel"),
+        "already gone"
+    );
 
     // The retried job now runs (and fails fatally again): a new attempt 1.
     s.drain().await;
     let j = job(&s.manager, dead).await.expect("job");
     assert_eq!((j.state, j.attempt), (JobState::Dead, 1));
-    assert_eq!(s.manager.purge(JobState::Dead, None).await.expect("purge"), 1);
+    assert_eq!(
+        s.manager.purge(JobState::Dead, None).await.expect("purge"),
+        1
+    );
     assert_eq!(s.manager.counts(None).await.expect("counts").total(), 0);
 }
 
@@ -930,12 +966,21 @@ pub async fn the_lock_is_exclusive_renewable_and_expires(h: &dyn Harness) {
         );
         return;
     }
-    assert!(b.lock_acquire("testkit", alice, ttl).await.expect("acquire"));
+    assert!(b
+        .lock_acquire("testkit", alice, ttl)
+        .await
+        .expect("acquire"));
     assert!(!b.lock_acquire("testkit", bob, ttl).await.expect("acquire"));
     assert!(b.lock_renew("testkit", alice, ttl).await.expect("renew"));
     assert!(!b.lock_renew("testkit", bob, ttl).await.expect("renew"));
-    assert!(!b.lock_release("testkit", bob).await.expect("release"), "only the owner releases");
-    assert!(b.lock_acquire("other", bob, ttl).await.expect("other names are independent"));
+    assert!(
+        !b.lock_release("testkit", bob).await.expect("release"),
+        "only the owner releases"
+    );
+    assert!(b
+        .lock_acquire("other", bob, ttl)
+        .await
+        .expect("other names are independent"));
     // Alice stops renewing: Bob gets it once it expires, and Alice can no longer renew.
     eventually("the lock to expire", || async {
         b.lock_acquire("testkit", bob, ttl)
@@ -946,7 +991,10 @@ pub async fn the_lock_is_exclusive_renewable_and_expires(h: &dyn Harness) {
     .await;
     assert!(!b.lock_renew("testkit", alice, ttl).await.expect("renew"));
     assert!(b.lock_release("testkit", bob).await.expect("release"));
-    assert!(b.lock_acquire("testkit", alice, ttl).await.expect("free again"));
+    assert!(b
+        .lock_acquire("testkit", alice, ttl)
+        .await
+        .expect("free again"));
 
     // The managed lock renews by itself past several TTLs.
     let lock = backline_core::DistributedLock::acquire(b.clone(), "managed", ttl)
@@ -957,7 +1005,10 @@ pub async fn the_lock_is_exclusive_renewable_and_expires(h: &dyn Harness) {
     // must keep the lock.
     tokio::time::sleep(ttl * 3).await;
     assert!(!lock.is_lost());
-    assert!(!b.lock_acquire("managed", bob, ttl).await.expect("acquire"), "still held");
+    assert!(
+        !b.lock_acquire("managed", bob, ttl).await.expect("acquire"),
+        "still held"
+    );
     lock.release().await;
     assert!(b.lock_acquire("managed", bob, ttl).await.expect("released"));
 }
@@ -1048,7 +1099,11 @@ pub async fn two_servers_never_run_a_job_twice(h: &dyn Harness) {
         .enqueue_batch((0..300).map(|i| Task::ok(format!("t{i}"))))
         .await
         .expect("enqueue");
-    let a = s.server().configure(|c| c.claim_batch = 7).build().expect("server a");
+    let a = s
+        .server()
+        .configure(|c| c.claim_batch = 7)
+        .build()
+        .expect("server a");
     let b = JobServer::builder(twin)
         .register(TaskHandler::<Task>::new(s.rec.clone()))
         .config(fast_config())
@@ -1066,7 +1121,9 @@ pub async fn two_servers_never_run_a_job_twice(h: &dyn Harness) {
     want.sort();
     assert_eq!(ran, want);
     let all = all_jobs(&s.manager).await;
-    assert!(all.iter().all(|j| j.state == JobState::Succeeded && j.attempt == 1));
+    assert!(all
+        .iter()
+        .all(|j| j.state == JobState::Succeeded && j.attempt == 1));
 }
 
 struct Greeting(&'static str);
@@ -1107,7 +1164,10 @@ pub async fn shared_state_reaches_handlers(h: &dyn Harness) {
         .await
         .expect("drain");
     assert_eq!(s.state(id).await, Some(JobState::Succeeded));
-    assert_eq!(seen.lock().ok().and_then(|g| g.clone()).as_deref(), Some("merhaba"));
+    assert_eq!(
+        seen.lock().ok().and_then(|g| g.clone()).as_deref(),
+        Some("merhaba")
+    );
 }
 
 #[cfg(test)]
