@@ -1,0 +1,896 @@
+//! PostgreSQL: one-statement claims (`MATERIALIZED` CTE + `FOR UPDATE SKIP LOCKED`) and
+//! wake-ups through `LISTEN/NOTIFY`.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backline_core::{
+    Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, Finish, Job, JobFilter, JobId,
+    JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Result, RunAt,
+};
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, PgConnection, Row};
+use tokio::sync::oneshot;
+
+use crate::common::{
+    first_per_job, map_err, micros, outcome_columns, sort_claimed, timeout_ms, token_from_db,
+    token_to_db, RawJob, Signals,
+};
+use crate::config::{SqlConfig, TableName};
+
+const NAME: &str = "postgres";
+
+/// The key of the advisory lock that serializes `migrate()` (held only inside its transaction).
+const MIGRATION_LOCK: i64 = 0x6261_636b_6c69_6e65; // "backline"
+
+/// The schema, in order; each step a list of statements. `{table}`, `{name}` and `{locks}` are
+/// replaced by the validated names.
+const MIGRATIONS: &[&[&str]] = &[&[
+    "CREATE TABLE IF NOT EXISTS {table} (
+        id uuid PRIMARY KEY,
+        name text NOT NULL,
+        queue text NOT NULL,
+        payload bytea NOT NULL,
+        priority smallint NOT NULL,
+        state text NOT NULL CHECK (state IN ('scheduled', 'ready', 'running', 'retrying', 'succeeded', 'dead')),
+        attempt integer NOT NULL DEFAULT 0,
+        max_attempts integer NOT NULL,
+        timeout_ms bigint,
+        enqueued_at timestamptz NOT NULL,
+        run_at timestamptz NOT NULL,
+        last_error text,
+        lease_token bigint,
+        lease_until timestamptz,
+        finished_at timestamptz
+    )",
+    // The claim reads this index in its ORDER BY direction: no sort, no future jobs.
+    "CREATE INDEX IF NOT EXISTS {name}_claim ON {table} (queue, priority DESC, run_at, id) WHERE state = 'ready'",
+    "CREATE INDEX IF NOT EXISTS {name}_due ON {table} (run_at) WHERE state IN ('scheduled', 'retrying')",
+    "CREATE INDEX IF NOT EXISTS {name}_lease ON {table} (lease_until) WHERE state = 'running'",
+    "CREATE INDEX IF NOT EXISTS {name}_finished ON {table} (finished_at) WHERE state IN ('succeeded', 'dead')",
+    "CREATE INDEX IF NOT EXISTS {name}_queue_state ON {table} (queue, state)",
+    "CREATE TABLE IF NOT EXISTS {locks} (
+        name text PRIMARY KEY,
+        owner bigint NOT NULL,
+        expires_at timestamptz NOT NULL
+    )",
+]];
+
+const COLUMNS: &str = "id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at, last_error, lease_until, finished_at";
+
+fn claim_index(table: &TableName) -> String {
+    format!("{}_claim", table.name())
+}
+
+/// Every statement, built once from the validated table name.
+struct Sql {
+    push: Arc<str>,
+    claim: Arc<str>,
+    finish: Arc<str>,
+    heartbeat: Arc<str>,
+    promote: Arc<str>,
+    expire: Arc<str>,
+    prune_succeeded: Arc<str>,
+    prune_dead: Arc<str>,
+    notify: Arc<str>,
+    get: Arc<str>,
+    list: Arc<str>,
+    counts: Arc<str>,
+    cancel: Arc<str>,
+    retry_dead: Arc<str>,
+    delete: Arc<str>,
+    purge: Arc<str>,
+    lock_acquire: Arc<str>,
+    lock_renew: Arc<str>,
+    lock_release: Arc<str>,
+}
+
+impl Sql {
+    fn new(table: &TableName) -> Sql {
+        let t = table.qualified();
+        let locks = table.sibling(&format!("{}_locks", table.name()));
+        let s = |sql: String| -> Arc<str> { Arc::from(sql) };
+        let returning = COLUMNS
+            .split(", ")
+            .map(|c| format!("j.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Sql {
+            push: s(format!(
+                "WITH ins AS (
+                    INSERT INTO {t} AS j (id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at)
+                    SELECT i.id, i.name, i.queue, i.payload, i.priority,
+                           CASE WHEN r.run_at <= now() THEN 'ready' ELSE 'scheduled' END,
+                           0, i.max_attempts, i.timeout_ms, now(), r.run_at
+                    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::int2[], $6::int4[], $7::int8[], $8::timestamptz[], $9::int8[])
+                         AS i(id, name, queue, payload, priority, max_attempts, timeout_ms, at, after_us)
+                    CROSS JOIN LATERAL (SELECT COALESCE(i.at, now() + i.after_us * interval '1 microsecond') AS run_at) r
+                    ON CONFLICT (id) DO NOTHING
+                    RETURNING j.queue, j.state
+                )
+                SELECT w.queue FROM (SELECT DISTINCT queue FROM ins WHERE state = 'ready') w
+                CROSS JOIN LATERAL pg_notify($10, w.queue) n"
+            )),
+            claim: s(format!(
+                "WITH picked AS MATERIALIZED (
+                    SELECT id FROM {t}
+                    WHERE state = 'ready' AND queue = $1 AND name = ANY($2::text[])
+                    ORDER BY priority DESC, run_at, id
+                    LIMIT $3
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE {t} AS j
+                SET state = 'running', attempt = j.attempt + 1, lease_token = $4,
+                    lease_until = now() + $5::int8 * interval '1 microsecond'
+                FROM picked WHERE j.id = picked.id
+                RETURNING {returning}"
+            )),
+            finish: s(format!(
+                "WITH i AS (
+                    SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::text[])
+                        AS i(id, token, kind, delay_us, error)
+                ),
+                del AS (
+                    DELETE FROM {t} AS j USING i
+                    WHERE j.id = i.id AND j.lease_token = i.token AND j.state = 'running' AND i.kind = 'drop'
+                    RETURNING j.id
+                ),
+                upd AS (
+                    UPDATE {t} AS j SET
+                        state = CASE i.kind
+                            WHEN 'succeeded' THEN 'succeeded'
+                            WHEN 'dead' THEN 'dead'
+                            WHEN 'release' THEN 'ready'
+                            ELSE CASE WHEN i.delay_us <= 0 THEN 'ready' ELSE 'retrying' END
+                        END,
+                        attempt = CASE WHEN i.kind = 'release' THEN greatest(j.attempt - 1, 0) ELSE j.attempt END,
+                        run_at = CASE WHEN i.kind = 'retry' THEN now() + i.delay_us * interval '1 microsecond' ELSE j.run_at END,
+                        last_error = CASE WHEN i.kind IN ('retry', 'dead') THEN i.error ELSE j.last_error END,
+                        finished_at = CASE WHEN i.kind IN ('succeeded', 'dead') THEN now() ELSE NULL END,
+                        lease_token = NULL,
+                        lease_until = NULL
+                    FROM i
+                    WHERE j.id = i.id AND j.lease_token = i.token AND j.state = 'running' AND i.kind <> 'drop'
+                    RETURNING j.id, j.queue, j.state
+                ),
+                woke AS (SELECT DISTINCT queue FROM upd WHERE state = 'ready')
+                SELECT id FROM del
+                UNION ALL SELECT id FROM upd
+                UNION ALL SELECT NULL::uuid FROM woke CROSS JOIN LATERAL pg_notify($6, woke.queue) n"
+            )),
+            heartbeat: s(format!(
+                "UPDATE {t} AS j SET lease_until = now() + $3::int8 * interval '1 microsecond'
+                FROM unnest($1::uuid[], $2::int8[]) AS i(id, token)
+                WHERE j.id = i.id AND j.lease_token = i.token AND j.state = 'running'
+                RETURNING j.id, j.lease_token"
+            )),
+            promote: s(format!(
+                "WITH due AS MATERIALIZED (
+                    SELECT id FROM {t}
+                    WHERE state IN ('scheduled', 'retrying') AND run_at <= now()
+                    ORDER BY run_at LIMIT $1
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE {t} AS j SET state = 'ready' FROM due WHERE j.id = due.id
+                RETURNING j.queue"
+            )),
+            expire: s(format!(
+                "WITH exp AS MATERIALIZED (
+                    SELECT id FROM {t}
+                    WHERE state = 'running' AND lease_until <= now()
+                    ORDER BY lease_until LIMIT $1
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE {t} AS j SET
+                    state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'ready' END,
+                    last_error = 'lease expired: the worker was lost during attempt ' || j.attempt
+                        || CASE WHEN j.attempt >= j.max_attempts THEN ' of ' || j.max_attempts ELSE '' END,
+                    finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() ELSE NULL END,
+                    lease_token = NULL,
+                    lease_until = NULL
+                FROM exp WHERE j.id = exp.id
+                RETURNING j.queue, j.state"
+            )),
+            prune_succeeded: s(Self::prune(&t, "succeeded")),
+            prune_dead: s(Self::prune(&t, "dead")),
+            notify: s("SELECT 1 FROM unnest($2::text[]) AS q(queue) CROSS JOIN LATERAL pg_notify($1, q.queue) n".to_owned()),
+            get: s(format!("SELECT {COLUMNS} FROM {t} WHERE id = $1")),
+            list: s(format!(
+                "SELECT {COLUMNS} FROM {t}
+                WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR queue = $2) AND ($3::text IS NULL OR name = $3)
+                ORDER BY id LIMIT $4 OFFSET $5"
+            )),
+            counts: s(format!(
+                "SELECT state, count(*) AS n FROM {t} WHERE ($1::text IS NULL OR queue = $1) GROUP BY state"
+            )),
+            cancel: s(format!(
+                "DELETE FROM {t} WHERE id = $1 AND state IN ('scheduled', 'ready', 'retrying')"
+            )),
+            retry_dead: s(format!(
+                "WITH up AS (
+                    UPDATE {t} SET state = 'ready', attempt = 0, finished_at = NULL, run_at = now(),
+                        lease_token = NULL, lease_until = NULL
+                    WHERE id = $1 AND state = 'dead'
+                    RETURNING queue
+                )
+                SELECT up.queue FROM up CROSS JOIN LATERAL pg_notify($2, up.queue) n"
+            )),
+            delete: s(format!("DELETE FROM {t} WHERE id = $1 AND state <> 'running'")),
+            purge: s(format!(
+                "DELETE FROM {t} WHERE state = $1 AND ($2::text IS NULL OR queue = $2)"
+            )),
+            lock_acquire: s(format!(
+                "INSERT INTO {locks} AS l (name, owner, expires_at)
+                VALUES ($1, $2, now() + $3::int8 * interval '1 microsecond')
+                ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+                WHERE l.owner = EXCLUDED.owner OR l.expires_at <= now()"
+            )),
+            lock_renew: s(format!(
+                "UPDATE {locks} SET expires_at = now() + $3::int8 * interval '1 microsecond'
+                WHERE name = $1 AND owner = $2 AND expires_at > now()"
+            )),
+            lock_release: s(format!("DELETE FROM {locks} WHERE name = $1 AND owner = $2")),
+        }
+    }
+
+    fn prune(t: &str, state: &str) -> String {
+        format!(
+            "WITH old AS MATERIALIZED (
+                SELECT id FROM {t}
+                WHERE state = '{state}' AND finished_at <= now() - $1::int8 * interval '1 microsecond'
+                ORDER BY finished_at LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            DELETE FROM {t} AS j USING old WHERE j.id = old.id"
+        )
+    }
+}
+
+fn q(sql: &Arc<str>) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(AssertSqlSafe(sql.clone()))
+}
+
+fn raw(row: &PgRow) -> std::result::Result<RawJob, sqlx::Error> {
+    Ok(RawJob {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        queue: row.try_get("queue")?,
+        payload: row.try_get("payload")?,
+        priority: row.try_get("priority")?,
+        state: row.try_get("state")?,
+        attempt: row.try_get("attempt")?,
+        max_attempts: row.try_get("max_attempts")?,
+        timeout_ms: row.try_get("timeout_ms")?,
+        enqueued_at: row.try_get("enqueued_at")?,
+        run_at: row.try_get("run_at")?,
+        last_error: row.try_get("last_error")?,
+        lease_until: row.try_get("lease_until")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn job(row: &PgRow) -> Result<Job> {
+    raw(row)
+        .map_err(map_err(NAME, "decode a job"))?
+        .into_job(NAME)
+}
+
+/// The PostgreSQL backend behind [`SqlBackend`](crate::SqlBackend).
+pub(crate) struct PgBackend {
+    pool: PgPool,
+    table: TableName,
+    channel: String,
+    sql: Sql,
+    signals: Arc<Signals>,
+    listener_up: Arc<AtomicBool>,
+    poll_interval: Duration,
+    /// Dropping it stops the listener task.
+    _stop: oneshot::Sender<()>,
+}
+
+impl PgBackend {
+    pub(crate) async fn connect(config: &SqlConfig, table: TableName) -> Result<PgBackend> {
+        let options: PgConnectOptions = config.url.parse().map_err(|e: sqlx::Error| {
+            Error::Config(format!("bad PostgreSQL URL {}: {e}", config.redacted_url()))
+        })?;
+        let options = options.application_name("backline");
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.connect_timeout)
+            .connect_with(options.clone())
+            .await
+            .map_err(map_err(NAME, "connect"))?;
+        let channel = format!("backline:{}", table.qualified());
+        let signals = Arc::new(Signals::default());
+        let listener_up = Arc::new(AtomicBool::new(false));
+        let (stop, stop_rx) = oneshot::channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .acquire_timeout(config.connect_timeout)
+            .connect_lazy_with(options.application_name("backline-listener"));
+        tokio::spawn(listen_loop(
+            listen_pool,
+            channel.clone(),
+            signals.clone(),
+            listener_up.clone(),
+            stop_rx,
+            ready_tx,
+        ));
+        // Listen before the first push can happen, so no notification is missed at start;
+        // if it cannot, wait() polls until the listener is up.
+        let _ = tokio::time::timeout(config.connect_timeout, ready_rx).await;
+        Ok(PgBackend {
+            pool,
+            sql: Sql::new(&table),
+            table,
+            channel,
+            signals,
+            listener_up,
+            poll_interval: config.poll_interval,
+            _stop: stop,
+        })
+    }
+
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub(crate) async fn migrate(&self) -> Result<()> {
+        let err = map_err(NAME, "migrate");
+        let versions = self.table.sibling("backline_migrations");
+        let mut tx = self.pool.begin().await.map_err(&err)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(&err)?;
+        if let Some(schema) = self.table.schema() {
+            sqlx::query(AssertSqlSafe(format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema}"
+            )))
+            .execute(&mut *tx)
+            .await
+            .map_err(&err)?;
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {versions} (
+                table_name text PRIMARY KEY,
+                version integer NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )"
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(&err)?;
+        let current: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT version FROM {versions} WHERE table_name = $1"
+        )))
+        .bind(self.table.qualified())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(&err)?;
+        let current = usize::try_from(current.unwrap_or(0)).unwrap_or(0);
+        if current > MIGRATIONS.len() {
+            return Err(Error::Config(format!(
+                "table {} is at schema version {current}, newer than this backline-sql ({})",
+                self.table,
+                MIGRATIONS.len()
+            )));
+        }
+        for step in &MIGRATIONS[current..] {
+            for stmt in *step {
+                let sql = stmt
+                    .replace("{table}", &self.table.qualified())
+                    .replace("{name}", self.table.name())
+                    .replace(
+                        "{locks}",
+                        &self.table.sibling(&format!("{}_locks", self.table.name())),
+                    );
+                sqlx::raw_sql(AssertSqlSafe(sql))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&err)?;
+            }
+        }
+        if current < MIGRATIONS.len() {
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO {versions} (table_name, version) VALUES ($1, $2)
+                ON CONFLICT (table_name) DO UPDATE SET version = EXCLUDED.version, applied_at = now()"
+            )))
+            .bind(self.table.qualified())
+            .bind(i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX))
+            .execute(&mut *tx)
+            .await
+            .map_err(&err)?;
+        }
+        tx.commit().await.map_err(&err)?;
+        Ok(())
+    }
+
+    fn push_query(
+        &self,
+        jobs: &[NewJob],
+    ) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let n = jobs.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut names = Vec::with_capacity(n);
+        let mut queues = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut priorities = Vec::with_capacity(n);
+        let mut max_attempts = Vec::with_capacity(n);
+        let mut timeouts = Vec::with_capacity(n);
+        let mut ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+        let mut afters = Vec::with_capacity(n);
+        for j in jobs {
+            ids.push(*j.id.as_uuid());
+            names.push(j.name.clone());
+            queues.push(j.queue.clone());
+            payloads.push(j.payload.clone());
+            priorities.push(j.priority.value());
+            max_attempts.push(i32::try_from(j.max_attempts.max(1)).unwrap_or(i32::MAX));
+            timeouts.push(timeout_ms(j.timeout));
+            match j.run_at {
+                RunAt::Now => {
+                    ats.push(None);
+                    afters.push(0i64);
+                }
+                RunAt::After(d) => {
+                    ats.push(None);
+                    afters.push(micros(d));
+                }
+                RunAt::At(t) => {
+                    ats.push(Some(t));
+                    afters.push(0);
+                }
+            }
+        }
+        q(&self.sql.push)
+            .bind(ids)
+            .bind(names)
+            .bind(queues)
+            .bind(payloads)
+            .bind(priorities)
+            .bind(max_attempts)
+            .bind(timeouts)
+            .bind(ats)
+            .bind(afters)
+            .bind(self.channel.clone())
+    }
+
+    /// Stores jobs on the caller's connection (inside its transaction).
+    pub(crate) async fn push_on(&self, conn: &mut PgConnection, jobs: &[NewJob]) -> Result<()> {
+        self.push_query(jobs)
+            .execute(conn)
+            .await
+            .map_err(map_err(NAME, "enqueue in a transaction"))?;
+        Ok(())
+    }
+
+    pub(crate) async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
+        let sql = format!("EXPLAIN {}", self.sql.claim);
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(queue)
+            .bind(names)
+            .bind(100i64)
+            .bind(0i64)
+            .bind(1_000_000i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "explain the claim"))?;
+        let mut plan = String::new();
+        for r in rows {
+            let line: String = r.try_get(0).map_err(map_err(NAME, "explain the claim"))?;
+            plan.push_str(&line);
+            plan.push('\n');
+        }
+        Ok(plan)
+    }
+
+    pub(crate) fn claim_index_name(&self) -> String {
+        claim_index(&self.table)
+    }
+
+    async fn notify(&self, queues: &HashSet<String>) -> Result<()> {
+        if queues.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<&String> = queues.iter().collect();
+        q(&self.sql.notify)
+            .bind(&self.channel)
+            .bind(list)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err(NAME, "notify"))?;
+        for queue in queues {
+            self.signals.bump(queue);
+        }
+        Ok(())
+    }
+}
+
+/// Keeps a `LISTEN` connection open, reconnecting by itself, and turns each notification into
+/// a bump of its queue's counter.
+async fn listen_loop(
+    pool: PgPool,
+    channel: String,
+    signals: Arc<Signals>,
+    up: Arc<AtomicBool>,
+    mut stop: oneshot::Receiver<()>,
+    ready: oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    let mut backoff = Duration::from_millis(100);
+    let mut was_lost = false;
+    loop {
+        let connect = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen(&channel).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let listener = tokio::select! {
+            _ = &mut stop => return,
+            r = connect => r,
+        };
+        let mut listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                if !was_lost {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "postgres LISTEN connection failed; polling until it is back");
+                    was_lost = true;
+                }
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(());
+                }
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        up.store(true, Ordering::Release);
+        if was_lost {
+            tracing::info!("postgres LISTEN connection restored");
+        }
+        // Anything pushed while we were not listening: let every waiter look.
+        signals.bump_all();
+        if let Some(tx) = ready.take() {
+            let _ = tx.send(());
+        }
+        backoff = Duration::from_millis(100);
+        loop {
+            let r = tokio::select! {
+                _ = &mut stop => return,
+                r = listener.try_recv() => r,
+            };
+            match r {
+                Ok(Some(n)) => signals.bump(n.payload()),
+                Ok(None) => {
+                    // Lost and already reconnected: notifications in between are gone.
+                    tracing::warn!("postgres LISTEN connection was lost and re-established");
+                    signals.bump_all();
+                }
+                Err(e) => {
+                    up.store(false, Ordering::Release);
+                    signals.bump_all();
+                    tracing::warn!(error = %e, "postgres LISTEN connection lost; polling until it is back");
+                    was_lost = true;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for PgBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+
+    async fn push(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .push_query(&jobs)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "push"))?;
+        for r in rows {
+            if let Ok(queue) = r.try_get::<String, _>(0) {
+                self.signals.bump(&queue);
+            }
+        }
+        Ok(jobs.iter().map(|j| j.id).collect())
+    }
+
+    async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {
+        if req.limit == 0 || req.names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let token = LeaseToken::random();
+        let rows = q(&self.sql.claim)
+            .bind(req.queue)
+            .bind(req.names)
+            .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
+            .bind(token_to_db(token))
+            .bind(micros(req.lease))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "claim"))?;
+        let mut out = rows
+            .iter()
+            .map(|r| job(r).map(|job| ClaimedJob { job, token }))
+            .collect::<Result<Vec<_>>>()?;
+        sort_claimed(&mut out);
+        Ok(out)
+    }
+
+    async fn finish(&self, batch: &[Finish]) -> Result<Vec<bool>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let firsts = first_per_job(batch);
+        let mut ids = Vec::with_capacity(firsts.len());
+        let mut tokens = Vec::with_capacity(firsts.len());
+        let mut kinds = Vec::with_capacity(firsts.len());
+        let mut delays = Vec::with_capacity(firsts.len());
+        let mut errors = Vec::with_capacity(firsts.len());
+        for &i in &firsts {
+            let f = &batch[i];
+            let (kind, delay, error) = outcome_columns(&f.outcome);
+            ids.push(*f.id.as_uuid());
+            tokens.push(token_to_db(f.token));
+            kinds.push(kind);
+            delays.push(delay);
+            errors.push(error);
+        }
+        let rows = q(&self.sql.finish)
+            .bind(ids)
+            .bind(tokens)
+            .bind(kinds)
+            .bind(delays)
+            .bind(errors)
+            .bind(&self.channel)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "finish"))?;
+        let mut applied_ids = HashSet::with_capacity(rows.len());
+        for r in rows {
+            let id: Option<uuid::Uuid> = r.try_get(0).map_err(map_err(NAME, "finish"))?;
+            if let Some(id) = id {
+                applied_ids.insert(id);
+            }
+        }
+        let mut out = vec![false; batch.len()];
+        for i in firsts {
+            out[i] = applied_ids.contains(batch[i].id.as_uuid());
+        }
+        Ok(out)
+    }
+
+    async fn heartbeat(
+        &self,
+        leases: &[(JobId, LeaseToken)],
+        lease: Duration,
+    ) -> Result<Vec<bool>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<uuid::Uuid> = leases.iter().map(|(id, _)| *id.as_uuid()).collect();
+        let tokens: Vec<i64> = leases.iter().map(|(_, t)| token_to_db(*t)).collect();
+        let rows = q(&self.sql.heartbeat)
+            .bind(ids)
+            .bind(tokens)
+            .bind(micros(lease))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "heartbeat"))?;
+        let mut held = HashSet::with_capacity(rows.len());
+        for r in rows {
+            let id: uuid::Uuid = r.try_get(0).map_err(map_err(NAME, "heartbeat"))?;
+            let token: i64 = r.try_get(1).map_err(map_err(NAME, "heartbeat"))?;
+            held.insert((id, token_from_db(token)));
+        }
+        Ok(leases
+            .iter()
+            .map(|(id, t)| held.contains(&(*id.as_uuid(), *t)))
+            .collect())
+    }
+
+    async fn wait(&self, queue: &str, seen: u64, timeout: Duration) -> Result<u64> {
+        let timeout = if self.listener_up.load(Ordering::Acquire) {
+            timeout
+        } else {
+            timeout.min(self.poll_interval)
+        };
+        Ok(self.signals.wait(queue, seen, timeout).await)
+    }
+
+    async fn maintain(&self, m: &Maintenance) -> Result<MaintenanceReport> {
+        let batch = i64::try_from(m.batch).unwrap_or(i64::MAX);
+        let mut report = MaintenanceReport::default();
+        let mut woken = HashSet::new();
+        let rows = q(&self.sql.promote)
+            .bind(batch)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "promote due jobs"))?;
+        report.promoted = rows.len() as u64;
+        for r in rows {
+            woken.insert(
+                r.try_get::<String, _>(0)
+                    .map_err(map_err(NAME, "promote due jobs"))?,
+            );
+        }
+        let rows = q(&self.sql.expire)
+            .bind(batch)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "recover expired leases"))?;
+        for r in rows {
+            let queue: String = r
+                .try_get(0)
+                .map_err(map_err(NAME, "recover expired leases"))?;
+            let state: String = r
+                .try_get(1)
+                .map_err(map_err(NAME, "recover expired leases"))?;
+            if state == "dead" {
+                report.expired_dead += 1;
+            } else {
+                report.recovered += 1;
+                woken.insert(queue);
+            }
+        }
+        for (sql, ttl) in [
+            (&self.sql.prune_succeeded, m.succeeded_ttl),
+            (&self.sql.prune_dead, m.dead_ttl),
+        ] {
+            let left = m.batch as u64 - report.pruned.min(m.batch as u64);
+            if left == 0 {
+                break;
+            }
+            let done = q(sql)
+                .bind(micros(ttl))
+                .bind(i64::try_from(left).unwrap_or(i64::MAX))
+                .execute(&self.pool)
+                .await
+                .map_err(map_err(NAME, "prune by retention"))?;
+            report.pruned += done.rows_affected();
+        }
+        self.notify(&woken).await?;
+        Ok(report)
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<Job>> {
+        let row = q(&self.sql.get)
+            .bind(id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err(NAME, "get a job"))?;
+        row.as_ref().map(job).transpose()
+    }
+
+    async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
+        let limit = if filter.limit == 0 { 100 } else { filter.limit };
+        let rows = q(&self.sql.list)
+            .bind(filter.state.map(|s| s.as_str()))
+            .bind(filter.queue.as_deref())
+            .bind(filter.name.as_deref())
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(i64::try_from(filter.offset).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "list jobs"))?;
+        rows.iter().map(job).collect()
+    }
+
+    async fn counts(&self, queue: Option<&str>) -> Result<Counts> {
+        let rows = q(&self.sql.counts)
+            .bind(queue)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "count jobs"))?;
+        let mut c = Counts::default();
+        for r in rows {
+            let state: String = r.try_get(0).map_err(map_err(NAME, "count jobs"))?;
+            let n: i64 = r.try_get(1).map_err(map_err(NAME, "count jobs"))?;
+            if let Some(s) = JobState::parse(&state) {
+                *c.get_mut(s) += u64::try_from(n).unwrap_or(0);
+            }
+        }
+        Ok(c)
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<bool> {
+        let r = q(&self.sql.cancel)
+            .bind(id.as_uuid())
+            .execute(&self.pool)
+            .await
+            .map_err(map_err(NAME, "cancel a job"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn retry_dead(&self, id: JobId) -> Result<bool> {
+        let rows = q(&self.sql.retry_dead)
+            .bind(id.as_uuid())
+            .bind(&self.channel)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "retry a dead job"))?;
+        for r in &rows {
+            if let Ok(queue) = r.try_get::<String, _>(0) {
+                self.signals.bump(&queue);
+            }
+        }
+        Ok(!rows.is_empty())
+    }
+
+    async fn delete(&self, id: JobId) -> Result<bool> {
+        let r = q(&self.sql.delete)
+            .bind(id.as_uuid())
+            .execute(&self.pool)
+            .await
+            .map_err(map_err(NAME, "delete a job"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn purge(&self, state: JobState, queue: Option<&str>) -> Result<u64> {
+        if state == JobState::Running {
+            return Err(Error::InvalidJob("running jobs cannot be purged".into()));
+        }
+        let r = q(&self.sql.purge)
+            .bind(state.as_str())
+            .bind(queue)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err(NAME, "purge jobs"))?;
+        Ok(r.rows_affected())
+    }
+
+    async fn lock_acquire(&self, name: &str, owner: LeaseToken, ttl: Duration) -> Result<bool> {
+        let r = q(&self.sql.lock_acquire)
+            .bind(name)
+            .bind(token_to_db(owner))
+            .bind(micros(ttl))
+            .execute(&self.pool)
+            .await
+            .map_err(map_err(NAME, "acquire a lock"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn lock_renew(&self, name: &str, owner: LeaseToken, ttl: Duration) -> Result<bool> {
+        let r = q(&self.sql.lock_renew)
+            .bind(name)
+            .bind(token_to_db(owner))
+            .bind(micros(ttl))
+            .execute(&self.pool)
+            .await
+            .map_err(map_err(NAME, "renew a lock"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn lock_release(&self, name: &str, owner: LeaseToken) -> Result<bool> {
+        let r = q(&self.sql.lock_release)
+            .bind(name)
+            .bind(token_to_db(owner))
+            .execute(&self.pool)
+            .await
+            .map_err(map_err(NAME, "release a lock"))?;
+        Ok(r.rows_affected() > 0)
+    }
+}
