@@ -34,7 +34,7 @@ pub(crate) fn run(args: &[String]) -> Result {
             "--all-features",
         ]))
     })?;
-    // The last step prints nothing after cargo test, so the run ends on the test summary.
+    // Nothing is printed after the test step: the run ends on its totals line.
     eprintln!("\n==> test");
     crate::test::run(&[])
 }
