@@ -267,6 +267,27 @@ impl JobManager {
         self.enqueue_raw(jobs).await
     }
 
+    /// Enqueues many jobs of one type with the same options (queue, priority, delay, …).
+    ///
+    /// [`EnqueueOptions::id`] makes no sense for a batch and is refused as
+    /// [`Error::InvalidJob`].
+    pub async fn enqueue_batch_with<A: JobArgs>(
+        &self,
+        args: impl IntoIterator<Item = A>,
+        opts: EnqueueOptions,
+    ) -> Result<Vec<JobId>> {
+        if opts.id.is_some() {
+            return Err(Error::InvalidJob(
+                "a batch cannot share one explicit id".into(),
+            ));
+        }
+        let jobs = args
+            .into_iter()
+            .map(|a| self.prepare(&a, opts.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        self.enqueue_raw(jobs).await
+    }
+
     /// Enqueues prepared jobs (of any types) in one call.
     pub async fn enqueue_raw(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>> {
         for job in &jobs {

@@ -504,9 +504,13 @@ async fn claim_loop(run: Arc<Run>, queue: String, concurrency: usize) {
             break;
         }
         let mut permits: OwnedSemaphorePermit = tokio::select! {
-            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            biased;
             _ = run.draining.cancelled() => break,
+            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
+        if run.draining.is_cancelled() {
+            break;
+        }
         let want = (sem.available_permits() + 1).min(cfg.claim_batch);
         if want > 1 {
             if let Ok(more) = sem.clone().try_acquire_many_owned((want - 1) as u32) {
@@ -536,6 +540,11 @@ async fn claim_loop(run: Arc<Run>, queue: String, concurrency: usize) {
             }
         };
         let got = claimed.len();
+        if run.draining.is_cancelled() {
+            // The shutdown began while the claim was in flight: hand the jobs back unstarted.
+            release_unstarted(&run, claimed).await;
+            break;
+        }
         for job in claimed {
             // `got <= want`: each job takes one of the permits acquired for this claim.
             let Some(permit) = permits.split(1) else {
@@ -593,6 +602,19 @@ async fn claim_loop(run: Arc<Run>, queue: String, concurrency: usize) {
             },
             _ = run.draining.cancelled() => break,
         }
+    }
+}
+
+async fn release_unstarted(run: &Run, claimed: Vec<ClaimedJob>) {
+    for c in claimed {
+        let _ = run
+            .finish_tx
+            .send(FinishMsg::Item(Finish {
+                id: c.job.id,
+                token: c.token,
+                outcome: Outcome::Release,
+            }))
+            .await;
     }
 }
 

@@ -133,8 +133,10 @@ pub enum Schedule {
         /// Run once right at start, before the first pause.
         run_on_start: bool,
     },
-    /// On a cron expression in a timezone. A DST gap skips the missing tick, a DST overlap runs
-    /// once, and ticks missed while a run was still going are not replayed.
+    /// On a cron expression in a timezone. A tick that falls in a DST gap runs at the first
+    /// valid time after it (a daily 02:30 runs at 03:00 on the day clocks go forward), a tick in
+    /// a DST overlap runs once (at its first occurrence), and ticks missed while a run was still
+    /// going are not replayed.
     #[cfg(feature = "cron")]
     Cron(CronSchedule),
 }

@@ -351,6 +351,8 @@ impl Backend for MemoryBackend {
                                 woken.push(q);
                             } else {
                                 e.job.state = JobState::Retrying;
+                                // Wake the waiters so they re-arm for this earlier deadline.
+                                woken.push(e.job.queue.clone());
                                 st.delayed.insert((run_at, f.id));
                             }
                         }
