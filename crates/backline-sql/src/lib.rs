@@ -9,6 +9,8 @@ mod common;
 mod config;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +31,8 @@ pub use sqlx;
 enum Driver {
     #[cfg(feature = "postgres")]
     Postgres(Arc<postgres::PgBackend>),
+    #[cfg(feature = "sqlite")]
+    Sqlite(Arc<sqlite::SqliteBackend>),
 }
 
 /// A Backline backend over a SQL database: PostgreSQL, MySQL/MariaDB or SQLite, picked by the
@@ -83,12 +87,23 @@ impl SqlBackend {
                 #[cfg(not(feature = "postgres"))]
                 return Err(not_built("postgres"));
             }
-            "sqlite" => return Err(not_built("sqlite")),
+            "sqlite" => {
+                #[cfg(feature = "sqlite")]
+                {
+                    Driver::Sqlite(Arc::new(
+                        sqlite::SqliteBackend::connect(&config, table.clone()).await?,
+                    ))
+                }
+                #[cfg(not(feature = "sqlite"))]
+                return Err(not_built("sqlite"));
+            }
             "mysql" | "mariadb" => return Err(not_built("mysql")),
-            other => return Err(Error::Config(format!(
+            other => {
+                return Err(Error::Config(format!(
                 "unknown database URL scheme `{other}` in {} (postgres, mysql, mariadb or sqlite)",
                 config.redacted_url()
-            ))),
+            )))
+            }
         };
         let backend = SqlBackend {
             driver,
@@ -104,6 +119,8 @@ impl SqlBackend {
         match &self.driver {
             #[cfg(feature = "postgres")]
             Driver::Postgres(b) => &**b,
+            #[cfg(feature = "sqlite")]
+            Driver::Sqlite(b) => &**b,
         }
     }
 
@@ -113,6 +130,8 @@ impl SqlBackend {
         match &self.driver {
             #[cfg(feature = "postgres")]
             Driver::Postgres(b) => b.migrate().await,
+            #[cfg(feature = "sqlite")]
+            Driver::Sqlite(b) => b.migrate().await,
         }
     }
 
@@ -126,6 +145,19 @@ impl SqlBackend {
     pub fn pg_pool(&self) -> Option<&sqlx::PgPool> {
         match &self.driver {
             Driver::Postgres(b) => Some(b.pool()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The SQLite pool of the writer connection, if this backend is on SQLite.
+    ///
+    /// Transactions for [`enqueue_in`](Self::enqueue_in) should start with
+    /// `begin_with("BEGIN IMMEDIATE")`, as every write of this crate does.
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite_pool(&self) -> Option<&sqlx::SqlitePool> {
+        match &self.driver {
+            Driver::Sqlite(b) => Some(b.pool()),
             #[allow(unreachable_patterns)]
             _ => None,
         }
@@ -175,6 +207,8 @@ impl SqlBackend {
         match &self.driver {
             #[cfg(feature = "postgres")]
             Driver::Postgres(b) => b.explain_claim(queue, names).await,
+            #[cfg(feature = "sqlite")]
+            Driver::Sqlite(b) => b.explain_claim(queue, names).await,
         }
     }
 
@@ -183,6 +217,8 @@ impl SqlBackend {
         match &self.driver {
             #[cfg(feature = "postgres")]
             Driver::Postgres(b) => b.claim_index_name(),
+            #[cfg(feature = "sqlite")]
+            Driver::Sqlite(b) => b.claim_index_name(),
         }
     }
 }
@@ -222,6 +258,29 @@ impl EnqueueConnection for sqlx::PgConnection {
                 #[allow(unreachable_patterns)]
                 _ => Err(Error::Config(format!(
                     "enqueue_in got a PostgreSQL connection for a {} backend",
+                    backend.name()
+                ))),
+            }
+        })
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl sealed::Sealed for sqlx::SqliteConnection {}
+
+#[cfg(feature = "sqlite")]
+impl EnqueueConnection for sqlx::SqliteConnection {
+    fn push_jobs<'a>(
+        &'a mut self,
+        backend: &'a SqlBackend,
+        jobs: &'a [NewJob],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            match &backend.driver {
+                Driver::Sqlite(b) => b.push_on(self, jobs).await,
+                #[allow(unreachable_patterns)]
+                _ => Err(Error::Config(format!(
+                    "enqueue_in got a SQLite connection for a {} backend",
                     backend.name()
                 ))),
             }
