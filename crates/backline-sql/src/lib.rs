@@ -7,6 +7,8 @@
 
 mod common;
 mod config;
+#[cfg(feature = "mysql")]
+mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "sqlite")]
@@ -33,6 +35,8 @@ enum Driver {
     Postgres(Arc<postgres::PgBackend>),
     #[cfg(feature = "sqlite")]
     Sqlite(Arc<sqlite::SqliteBackend>),
+    #[cfg(feature = "mysql")]
+    MySql(Arc<mysql::MySqlBackend>),
 }
 
 /// A Backline backend over a SQL database: PostgreSQL, MySQL/MariaDB or SQLite, picked by the
@@ -97,7 +101,16 @@ impl SqlBackend {
                 #[cfg(not(feature = "sqlite"))]
                 return Err(not_built("sqlite"));
             }
-            "mysql" | "mariadb" => return Err(not_built("mysql")),
+            "mysql" | "mariadb" => {
+                #[cfg(feature = "mysql")]
+                {
+                    Driver::MySql(Arc::new(
+                        mysql::MySqlBackend::connect(&config, table.clone()).await?,
+                    ))
+                }
+                #[cfg(not(feature = "mysql"))]
+                return Err(not_built("mysql"));
+            }
             other => {
                 return Err(Error::Config(format!(
                 "unknown database URL scheme `{other}` in {} (postgres, mysql, mariadb or sqlite)",
@@ -121,6 +134,8 @@ impl SqlBackend {
             Driver::Postgres(b) => &**b,
             #[cfg(feature = "sqlite")]
             Driver::Sqlite(b) => &**b,
+            #[cfg(feature = "mysql")]
+            Driver::MySql(b) => &**b,
         }
     }
 
@@ -132,6 +147,8 @@ impl SqlBackend {
             Driver::Postgres(b) => b.migrate().await,
             #[cfg(feature = "sqlite")]
             Driver::Sqlite(b) => b.migrate().await,
+            #[cfg(feature = "mysql")]
+            Driver::MySql(b) => b.migrate().await,
         }
     }
 
@@ -158,6 +175,16 @@ impl SqlBackend {
     pub fn sqlite_pool(&self) -> Option<&sqlx::SqlitePool> {
         match &self.driver {
             Driver::Sqlite(b) => Some(b.pool()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The MySQL/MariaDB pool, if this backend is on MySQL or MariaDB.
+    #[cfg(feature = "mysql")]
+    pub fn mysql_pool(&self) -> Option<&sqlx::MySqlPool> {
+        match &self.driver {
+            Driver::MySql(b) => Some(b.pool()),
             #[allow(unreachable_patterns)]
             _ => None,
         }
@@ -209,6 +236,8 @@ impl SqlBackend {
             Driver::Postgres(b) => b.explain_claim(queue, names).await,
             #[cfg(feature = "sqlite")]
             Driver::Sqlite(b) => b.explain_claim(queue, names).await,
+            #[cfg(feature = "mysql")]
+            Driver::MySql(b) => b.explain_claim(queue, names).await,
         }
     }
 
@@ -219,6 +248,8 @@ impl SqlBackend {
             Driver::Postgres(b) => b.claim_index_name(),
             #[cfg(feature = "sqlite")]
             Driver::Sqlite(b) => b.claim_index_name(),
+            #[cfg(feature = "mysql")]
+            Driver::MySql(b) => b.claim_index_name(),
         }
     }
 }
@@ -281,6 +312,29 @@ impl EnqueueConnection for sqlx::SqliteConnection {
                 #[allow(unreachable_patterns)]
                 _ => Err(Error::Config(format!(
                     "enqueue_in got a SQLite connection for a {} backend",
+                    backend.name()
+                ))),
+            }
+        })
+    }
+}
+
+#[cfg(feature = "mysql")]
+impl sealed::Sealed for sqlx::MySqlConnection {}
+
+#[cfg(feature = "mysql")]
+impl EnqueueConnection for sqlx::MySqlConnection {
+    fn push_jobs<'a>(
+        &'a mut self,
+        backend: &'a SqlBackend,
+        jobs: &'a [NewJob],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            match &backend.driver {
+                Driver::MySql(b) => b.push_on(self, jobs).await,
+                #[allow(unreachable_patterns)]
+                _ => Err(Error::Config(format!(
+                    "enqueue_in got a MySQL connection for a {} backend",
                     backend.name()
                 ))),
             }

@@ -1,0 +1,787 @@
+//! MySQL 8 and MariaDB 10.6+: claims in one `READ COMMITTED` transaction
+//! (`SELECT … FOR UPDATE SKIP LOCKED`, then `UPDATE … WHERE id IN (…)`).
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backline_core::{
+    Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, Finish, Job, JobFilter, JobId,
+    JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome, Result, RunAt,
+};
+use chrono::{DateTime, Utc};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::{AssertSqlSafe, Executor, MySqlConnection, Row};
+
+use crate::common::{
+    first_per_job, map_err, micros, sort_claimed, timeout_ms, token_to_db, RawJob, Signals,
+};
+use crate::config::{SqlConfig, TableName};
+
+const NAME: &str = "mysql";
+
+/// MySQL has no partial indexes, so each index leads with `state`: the claim index is
+/// `(state, queue, priority DESC, run_at, id)`, read in the claim's ORDER BY direction
+/// (MariaDB ≥ 10.8 and MySQL 8 honour `DESC`).
+const MIGRATIONS: &[&[&str]] = &[&[
+    "CREATE TABLE IF NOT EXISTS {table} (
+        id BINARY(16) NOT NULL PRIMARY KEY,
+        name VARCHAR(128) NOT NULL,
+        queue VARCHAR(128) NOT NULL,
+        payload LONGBLOB NOT NULL,
+        priority SMALLINT NOT NULL,
+        state VARCHAR(16) NOT NULL,
+        attempt INT NOT NULL DEFAULT 0,
+        max_attempts INT NOT NULL,
+        timeout_ms BIGINT NULL,
+        enqueued_at DATETIME(6) NOT NULL,
+        run_at DATETIME(6) NOT NULL,
+        last_error TEXT NULL,
+        lease_token BIGINT NULL,
+        lease_until DATETIME(6) NULL,
+        finished_at DATETIME(6) NULL,
+        KEY {name}_claim (state, queue, priority DESC, run_at, id),
+        KEY {name}_due (state, run_at),
+        KEY {name}_lease (state, lease_until),
+        KEY {name}_finished (state, finished_at),
+        KEY {name}_queue_state (queue, state)
+    ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
+    "CREATE TABLE IF NOT EXISTS {locks} (
+        name VARCHAR(191) NOT NULL PRIMARY KEY,
+        owner BIGINT NOT NULL,
+        expires_at DATETIME(6) NOT NULL
+    ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
+]];
+
+const COLUMNS: &str = "id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at, last_error, lease_until, finished_at";
+
+/// The most rows in one multi-row `INSERT`.
+const INSERT_CHUNK: usize = 500;
+
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+fn raw(row: &MySqlRow) -> std::result::Result<RawJob, sqlx::Error> {
+    let id: Vec<u8> = row.try_get("id")?;
+    let id = uuid::Uuid::from_slice(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    Ok(RawJob {
+        id,
+        name: row.try_get("name")?,
+        queue: row.try_get("queue")?,
+        payload: row.try_get("payload")?,
+        priority: row.try_get("priority")?,
+        state: row.try_get("state")?,
+        attempt: row.try_get("attempt")?,
+        max_attempts: row.try_get("max_attempts")?,
+        timeout_ms: row.try_get("timeout_ms")?,
+        enqueued_at: row.try_get("enqueued_at")?,
+        run_at: row.try_get("run_at")?,
+        last_error: row.try_get("last_error")?,
+        lease_until: row.try_get("lease_until")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn job(row: &MySqlRow) -> Result<Job> {
+    raw(row)
+        .map_err(map_err(NAME, "decode a job"))?
+        .into_job(NAME)
+}
+
+fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    t + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// The MySQL/MariaDB backend behind [`SqlBackend`](crate::SqlBackend).
+pub(crate) struct MySqlBackend {
+    pool: MySqlPool,
+    table: TableName,
+    t: String,
+    locks: String,
+    signals: Signals,
+    poll_interval: Duration,
+}
+
+impl MySqlBackend {
+    pub(crate) async fn connect(config: &SqlConfig, table: TableName) -> Result<MySqlBackend> {
+        let url = match config.url.strip_prefix("mariadb:") {
+            Some(rest) => format!("mysql:{rest}"),
+            None => config.url.clone(),
+        };
+        let options = MySqlConnectOptions::from_str(&url)
+            .map_err(|e| Error::Config(format!("bad MySQL URL {}: {e}", config.redacted_url())))?
+            .timezone(Some("+00:00".to_owned()));
+        let pool = MySqlPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.connect_timeout)
+            .after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(map_err(NAME, "connect"))?;
+        let t = table.qualified();
+        let locks = table.sibling(&format!("{}_locks", table.name()));
+        Ok(MySqlBackend {
+            pool,
+            table,
+            t,
+            locks,
+            signals: Signals::default(),
+            poll_interval: config.poll_interval,
+        })
+    }
+
+    pub(crate) fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    pub(crate) async fn migrate(&self) -> Result<()> {
+        let err = map_err(NAME, "migrate");
+        let versions = self.table.sibling("backline_migrations");
+        // DDL is not transactional here: serialize migrations with a named lock held by this
+        // one connection for the duration.
+        let mut conn = self.pool.acquire().await.map_err(&err)?;
+        let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK('backline_migrate', 60)")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(&err)?;
+        if got != Some(1) {
+            return Err(Error::Timeout {
+                op: "migrate (waiting for another migration)",
+                after: Duration::from_secs(60),
+            });
+        }
+        let result = async {
+            sqlx::query(AssertSqlSafe(format!(
+                "CREATE TABLE IF NOT EXISTS {versions} (
+                    table_name VARCHAR(191) NOT NULL PRIMARY KEY,
+                    version INT NOT NULL,
+                    applied_at DATETIME(6) NOT NULL
+                ) ENGINE = InnoDB"
+            )))
+            .execute(&mut *conn)
+            .await
+            .map_err(&err)?;
+            let current: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT version FROM {versions} WHERE table_name = ?"
+            )))
+            .bind(self.table.qualified())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(&err)?;
+            let current = usize::try_from(current.unwrap_or(0)).unwrap_or(0);
+            if current > MIGRATIONS.len() {
+                return Err(Error::Config(format!(
+                    "table {} is at schema version {current}, newer than this backline-sql ({})",
+                    self.table,
+                    MIGRATIONS.len()
+                )));
+            }
+            for step in &MIGRATIONS[current..] {
+                for stmt in *step {
+                    let sql = stmt
+                        .replace("{table}", &self.t)
+                        .replace("{name}", self.table.name())
+                        .replace("{locks}", &self.locks);
+                    sqlx::query(AssertSqlSafe(sql))
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(&err)?;
+                }
+            }
+            if current < MIGRATIONS.len() {
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO {versions} (table_name, version, applied_at) VALUES (?, ?, UTC_TIMESTAMP(6))
+                    ON DUPLICATE KEY UPDATE version = VALUES(version), applied_at = VALUES(applied_at)"
+                )))
+                .bind(self.table.qualified())
+                .bind(i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX))
+                .execute(&mut *conn)
+                .await
+                .map_err(&err)?;
+            }
+            Ok(())
+        }
+        .await;
+        let _ = sqlx::query("SELECT RELEASE_LOCK('backline_migrate')")
+            .execute(&mut *conn)
+            .await;
+        result
+    }
+
+    async fn db_now(conn: &mut MySqlConnection, op: &'static str) -> Result<DateTime<Utc>> {
+        sqlx::query_scalar("SELECT UTC_TIMESTAMP(6)")
+            .fetch_one(conn)
+            .await
+            .map_err(map_err(NAME, op))
+    }
+
+    /// Inserts jobs on a connection; returns the queues that got a ready job.
+    async fn insert(
+        &self,
+        conn: &mut MySqlConnection,
+        jobs: &[NewJob],
+        op: &'static str,
+    ) -> Result<HashSet<String>> {
+        let now = Self::db_now(conn, op).await?;
+        let mut woken = HashSet::new();
+        for chunk in jobs.chunks(INSERT_CHUNK) {
+            let rows = vec!["(?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"; chunk.len()].join(", ");
+            let sql = format!(
+                "INSERT INTO {} (id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at)
+                VALUES {rows}
+                ON DUPLICATE KEY UPDATE id = id",
+                self.t
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for j in chunk {
+                let run_at = match j.run_at {
+                    RunAt::Now => now,
+                    RunAt::After(d) => add(now, d),
+                    RunAt::At(t) => t,
+                };
+                let ready = run_at <= now;
+                if ready {
+                    woken.insert(j.queue.clone());
+                }
+                query = query
+                    .bind(j.id.as_bytes().to_vec())
+                    .bind(j.name.clone())
+                    .bind(j.queue.clone())
+                    .bind(j.payload.clone())
+                    .bind(j.priority.value())
+                    .bind(if ready { "ready" } else { "scheduled" })
+                    .bind(i64::from(j.max_attempts.max(1)))
+                    .bind(timeout_ms(j.timeout))
+                    .bind(now)
+                    .bind(run_at);
+            }
+            query.execute(&mut *conn).await.map_err(map_err(NAME, op))?;
+        }
+        Ok(woken)
+    }
+
+    /// Stores jobs on the caller's connection (inside its transaction).
+    pub(crate) async fn push_on(&self, conn: &mut MySqlConnection, jobs: &[NewJob]) -> Result<()> {
+        self.insert(conn, jobs, "enqueue in a transaction").await?;
+        Ok(())
+    }
+
+    fn claim_select(&self, names: usize) -> String {
+        format!(
+            "SELECT {COLUMNS}, UTC_TIMESTAMP(6) AS db_now FROM {t} FORCE INDEX ({idx})
+            WHERE state = 'ready' AND queue = ? AND name IN ({list})
+            ORDER BY priority DESC, run_at, id
+            LIMIT ?
+            FOR UPDATE SKIP LOCKED",
+            t = self.t,
+            idx = self.claim_index_name(),
+            list = placeholders(names),
+        )
+    }
+
+    pub(crate) async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
+        let sql = format!("EXPLAIN {}", self.claim_select(names.len()));
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(queue.to_owned());
+        for n in names {
+            query = query.bind(n.clone());
+        }
+        let rows = query
+            .bind(100i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "explain the claim"))?;
+        let mut plan = String::new();
+        for r in rows {
+            let key: Option<String> = r.try_get("key").unwrap_or(None);
+            let extra: Option<String> = r.try_get("Extra").unwrap_or(None);
+            let typ: Option<String> = r.try_get("type").unwrap_or(None);
+            plan.push_str(&format!(
+                "type={} key={} extra={}\n",
+                typ.unwrap_or_default(),
+                key.unwrap_or_default(),
+                extra.unwrap_or_default()
+            ));
+        }
+        Ok(plan)
+    }
+
+    pub(crate) fn claim_index_name(&self) -> String {
+        format!("{}_claim", self.table.name())
+    }
+
+    async fn tx(&self, op: &'static str) -> Result<sqlx::Transaction<'static, sqlx::MySql>> {
+        self.pool.begin().await.map_err(map_err(NAME, op))
+    }
+}
+
+#[async_trait]
+impl Backend for MySqlBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+
+    async fn push(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.tx("push").await?;
+        let woken = self.insert(&mut tx, &jobs, "push").await?;
+        tx.commit().await.map_err(map_err(NAME, "push"))?;
+        for q in &woken {
+            self.signals.bump(q);
+        }
+        Ok(jobs.iter().map(|j| j.id).collect())
+    }
+
+    async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {
+        if req.limit == 0 || req.names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let err = map_err(NAME, "claim");
+        let token = LeaseToken::random();
+        let mut tx = self.tx("claim").await?;
+        let mut query = sqlx::query(AssertSqlSafe(self.claim_select(req.names.len())))
+            .bind(req.queue.to_owned());
+        for n in req.names {
+            query = query.bind(n.clone());
+        }
+        let rows = query
+            .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(&err)?;
+        if rows.is_empty() {
+            tx.commit().await.map_err(&err)?;
+            return Ok(Vec::new());
+        }
+        let db_now: DateTime<Utc> = rows[0].try_get("db_now").map_err(&err)?;
+        let lease_until = add(db_now, req.lease);
+        let sql = format!(
+            "UPDATE {} SET state = 'running', attempt = attempt + 1, lease_token = ?, lease_until = ?
+            WHERE id IN ({})",
+            self.t,
+            placeholders(rows.len())
+        );
+        let mut update = sqlx::query(AssertSqlSafe(sql))
+            .bind(token_to_db(token))
+            .bind(lease_until);
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let mut j = job(r)?;
+            update = update.bind(j.id.as_bytes().to_vec());
+            j.state = JobState::Running;
+            j.attempt += 1;
+            j.lease_until = Some(lease_until);
+            out.push(ClaimedJob { job: j, token });
+        }
+        update.execute(&mut *tx).await.map_err(&err)?;
+        tx.commit().await.map_err(&err)?;
+        sort_claimed(&mut out);
+        Ok(out)
+    }
+
+    async fn finish(&self, batch: &[Finish]) -> Result<Vec<bool>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let err = map_err(NAME, "finish");
+        let t = &self.t;
+        let mut out = vec![false; batch.len()];
+        let mut wake = false;
+        let mut tx = self.tx("finish").await?;
+        for i in first_per_job(batch) {
+            let f = &batch[i];
+            let id = f.id.as_bytes().to_vec();
+            let token = token_to_db(f.token);
+            let r = match &f.outcome {
+                Outcome::Succeeded { keep: false } => sqlx::query(AssertSqlSafe(format!(
+                    "DELETE FROM {t} WHERE id = ? AND lease_token = ? AND state = 'running'"
+                )))
+                .bind(id)
+                .bind(token),
+                Outcome::Succeeded { keep: true } => sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE {t} SET state = 'succeeded', finished_at = UTC_TIMESTAMP(6),
+                        lease_token = NULL, lease_until = NULL
+                    WHERE id = ? AND lease_token = ? AND state = 'running'"
+                )))
+                .bind(id)
+                .bind(token),
+                Outcome::Retry { delay, error } => sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE {t} SET state = IF(? <= 0, 'ready', 'retrying'),
+                        run_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, last_error = ?,
+                        lease_token = NULL, lease_until = NULL
+                    WHERE id = ? AND lease_token = ? AND state = 'running'"
+                )))
+                .bind(micros(*delay))
+                .bind(micros(*delay))
+                .bind(error.clone())
+                .bind(id)
+                .bind(token),
+                Outcome::Dead { error } => sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE {t} SET state = 'dead', finished_at = UTC_TIMESTAMP(6), last_error = ?,
+                        lease_token = NULL, lease_until = NULL
+                    WHERE id = ? AND lease_token = ? AND state = 'running'"
+                )))
+                .bind(error.clone())
+                .bind(id)
+                .bind(token),
+                Outcome::Release => sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE {t} SET state = 'ready', attempt = GREATEST(attempt - 1, 0),
+                        lease_token = NULL, lease_until = NULL
+                    WHERE id = ? AND lease_token = ? AND state = 'running'"
+                )))
+                .bind(id)
+                .bind(token),
+            };
+            let done = r.execute(&mut *tx).await.map_err(&err)?;
+            out[i] = done.rows_affected() > 0;
+            let wakes = match &f.outcome {
+                Outcome::Release => true,
+                Outcome::Retry { delay, .. } => delay.is_zero(),
+                _ => false,
+            };
+            wake |= out[i] && wakes;
+        }
+        tx.commit().await.map_err(&err)?;
+        if wake {
+            self.signals.bump_all();
+        }
+        Ok(out)
+    }
+
+    async fn heartbeat(
+        &self,
+        leases: &[(JobId, LeaseToken)],
+        lease: Duration,
+    ) -> Result<Vec<bool>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let err = map_err(NAME, "heartbeat");
+        let sql = format!(
+            "UPDATE {} SET lease_until = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND
+            WHERE id = ? AND lease_token = ? AND state = 'running'",
+            self.t
+        );
+        let mut tx = self.tx("heartbeat").await?;
+        let mut held = Vec::with_capacity(leases.len());
+        for (id, token) in leases {
+            let r = sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(micros(lease))
+                .bind(id.as_bytes().to_vec())
+                .bind(token_to_db(*token))
+                .execute(&mut *tx)
+                .await
+                .map_err(&err)?;
+            held.push(r.rows_affected() > 0);
+        }
+        tx.commit().await.map_err(&err)?;
+        Ok(held)
+    }
+
+    async fn wait(&self, queue: &str, seen: u64, timeout: Duration) -> Result<u64> {
+        Ok(self
+            .signals
+            .wait(queue, seen, timeout.min(self.poll_interval))
+            .await)
+    }
+
+    async fn maintain(&self, m: &Maintenance) -> Result<MaintenanceReport> {
+        let err = map_err(NAME, "maintain");
+        let t = &self.t;
+        let batch = i64::try_from(m.batch).unwrap_or(i64::MAX);
+        let mut report = MaintenanceReport::default();
+        let mut woken: HashSet<String> = HashSet::new();
+
+        // Promote due jobs.
+        let mut tx = self.tx("promote due jobs").await?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT id, queue FROM {t}
+            WHERE state IN ('scheduled', 'retrying') AND run_at <= UTC_TIMESTAMP(6)
+            ORDER BY run_at LIMIT ?
+            FOR UPDATE SKIP LOCKED"
+        )))
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(&err)?;
+        if !rows.is_empty() {
+            let mut update = sqlx::query(AssertSqlSafe(format!(
+                "UPDATE {t} SET state = 'ready' WHERE id IN ({})",
+                placeholders(rows.len())
+            )));
+            for r in &rows {
+                update = update.bind(r.try_get::<Vec<u8>, _>(0).map_err(&err)?);
+                woken.insert(r.try_get(1).map_err(&err)?);
+            }
+            update.execute(&mut *tx).await.map_err(&err)?;
+            report.promoted = rows.len() as u64;
+        }
+        tx.commit().await.map_err(&err)?;
+
+        // Recover expired leases.
+        let mut tx = self.tx("recover expired leases").await?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT id, queue, attempt >= max_attempts AS last FROM {t}
+            WHERE state = 'running' AND lease_until <= UTC_TIMESTAMP(6)
+            ORDER BY lease_until LIMIT ?
+            FOR UPDATE SKIP LOCKED"
+        )))
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(&err)?;
+        if !rows.is_empty() {
+            let mut update = sqlx::query(AssertSqlSafe(format!(
+                "UPDATE {t} SET
+                    last_error = CONCAT('lease expired: the worker was lost during attempt ', attempt,
+                        IF(attempt >= max_attempts, CONCAT(' of ', max_attempts), '')),
+                    finished_at = IF(attempt >= max_attempts, UTC_TIMESTAMP(6), NULL),
+                    state = IF(attempt >= max_attempts, 'dead', 'ready'),
+                    lease_token = NULL, lease_until = NULL
+                WHERE id IN ({})",
+                placeholders(rows.len())
+            )));
+            for r in &rows {
+                update = update.bind(r.try_get::<Vec<u8>, _>(0).map_err(&err)?);
+                let last: i64 = r.try_get(2).map_err(&err)?;
+                if last != 0 {
+                    report.expired_dead += 1;
+                } else {
+                    report.recovered += 1;
+                    woken.insert(r.try_get(1).map_err(&err)?);
+                }
+            }
+            update.execute(&mut *tx).await.map_err(&err)?;
+        }
+        tx.commit().await.map_err(&err)?;
+
+        // Retention.
+        for (state, ttl) in [("succeeded", m.succeeded_ttl), ("dead", m.dead_ttl)] {
+            let left = (m.batch as u64).saturating_sub(report.pruned);
+            if left == 0 {
+                break;
+            }
+            let r = sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {t}
+                WHERE state = '{state}' AND finished_at <= UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND
+                ORDER BY finished_at LIMIT ?"
+            )))
+            .bind(micros(ttl))
+            .bind(i64::try_from(left).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await
+            .map_err(&err)?;
+            report.pruned += r.rows_affected();
+        }
+        for q in &woken {
+            self.signals.bump(q);
+        }
+        Ok(report)
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<Job>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM {} WHERE id = ?",
+            self.t
+        )))
+        .bind(id.as_bytes().to_vec())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err(NAME, "get a job"))?;
+        row.as_ref().map(job).transpose()
+    }
+
+    async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
+        let limit = if filter.limit == 0 { 100 } else { filter.limit };
+        let mut sql = format!("SELECT {COLUMNS} FROM {} WHERE 1 = 1", self.t);
+        let mut args: Vec<String> = Vec::new();
+        if let Some(s) = filter.state {
+            sql.push_str(" AND state = ?");
+            args.push(s.as_str().to_owned());
+        }
+        if let Some(q) = &filter.queue {
+            sql.push_str(" AND queue = ?");
+            args.push(q.clone());
+        }
+        if let Some(n) = &filter.name {
+            sql.push_str(" AND name = ?");
+            args.push(n.clone());
+        }
+        sql.push_str(" ORDER BY id LIMIT ? OFFSET ?");
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for a in args {
+            query = query.bind(a);
+        }
+        let rows = query
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(i64::try_from(filter.offset).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "list jobs"))?;
+        rows.iter().map(job).collect()
+    }
+
+    async fn counts(&self, queue: Option<&str>) -> Result<Counts> {
+        let err = map_err(NAME, "count jobs");
+        let rows = match queue {
+            Some(q) => sqlx::query(AssertSqlSafe(format!(
+                "SELECT state, COUNT(*) FROM {} WHERE queue = ? GROUP BY state",
+                self.t
+            )))
+            .bind(q.to_owned()),
+            None => sqlx::query(AssertSqlSafe(format!(
+                "SELECT state, COUNT(*) FROM {} GROUP BY state",
+                self.t
+            ))),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(&err)?;
+        let mut c = Counts::default();
+        for r in rows {
+            let state: String = r.try_get(0).map_err(&err)?;
+            let n: i64 = r.try_get(1).map_err(&err)?;
+            if let Some(s) = JobState::parse(&state) {
+                *c.get_mut(s) += u64::try_from(n).unwrap_or(0);
+            }
+        }
+        Ok(c)
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<bool> {
+        let r = sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM {} WHERE id = ? AND state IN ('scheduled', 'ready', 'retrying')",
+            self.t
+        )))
+        .bind(id.as_bytes().to_vec())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err(NAME, "cancel a job"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn retry_dead(&self, id: JobId) -> Result<bool> {
+        let r = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET state = 'ready', attempt = 0, finished_at = NULL, run_at = UTC_TIMESTAMP(6),
+                lease_token = NULL, lease_until = NULL
+            WHERE id = ? AND state = 'dead'",
+            self.t
+        )))
+        .bind(id.as_bytes().to_vec())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err(NAME, "retry a dead job"))?;
+        if r.rows_affected() > 0 {
+            self.signals.bump_all();
+        }
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn delete(&self, id: JobId) -> Result<bool> {
+        let r = sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM {} WHERE id = ? AND state <> 'running'",
+            self.t
+        )))
+        .bind(id.as_bytes().to_vec())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err(NAME, "delete a job"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn purge(&self, state: JobState, queue: Option<&str>) -> Result<u64> {
+        if state == JobState::Running {
+            return Err(Error::InvalidJob("running jobs cannot be purged".into()));
+        }
+        let r = match queue {
+            Some(q) => sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {} WHERE state = ? AND queue = ?",
+                self.t
+            )))
+            .bind(state.as_str())
+            .bind(q.to_owned()),
+            None => sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {} WHERE state = ?",
+                self.t
+            )))
+            .bind(state.as_str()),
+        }
+        .execute(&self.pool)
+        .await
+        .map_err(map_err(NAME, "purge jobs"))?;
+        Ok(r.rows_affected())
+    }
+
+    async fn lock_acquire(&self, name: &str, owner: LeaseToken, ttl: Duration) -> Result<bool> {
+        let err = map_err(NAME, "acquire a lock");
+        let l = &self.locks;
+        let mut tx = self.tx("acquire a lock").await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM {l} WHERE name = ? AND expires_at <= UTC_TIMESTAMP(6)"
+        )))
+        .bind(name.to_owned())
+        .execute(&mut *tx)
+        .await
+        .map_err(&err)?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {l} (name, owner, expires_at) VALUES (?, ?, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND)
+            ON DUPLICATE KEY UPDATE expires_at = IF(owner = VALUES(owner), VALUES(expires_at), expires_at)"
+        )))
+        .bind(name.to_owned())
+        .bind(token_to_db(owner))
+        .bind(micros(ttl))
+        .execute(&mut *tx)
+        .await
+        .map_err(&err)?;
+        let holder: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT owner FROM {l} WHERE name = ?"
+        )))
+        .bind(name.to_owned())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(&err)?;
+        tx.commit().await.map_err(&err)?;
+        Ok(holder == Some(token_to_db(owner)))
+    }
+
+    async fn lock_renew(&self, name: &str, owner: LeaseToken, ttl: Duration) -> Result<bool> {
+        let r = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND
+            WHERE name = ? AND owner = ? AND expires_at > UTC_TIMESTAMP(6)",
+            self.locks
+        )))
+        .bind(micros(ttl))
+        .bind(name.to_owned())
+        .bind(token_to_db(owner))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err(NAME, "renew a lock"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn lock_release(&self, name: &str, owner: LeaseToken) -> Result<bool> {
+        let r = sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM {} WHERE name = ? AND owner = ?",
+            self.locks
+        )))
+        .bind(name.to_owned())
+        .bind(token_to_db(owner))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err(NAME, "release a lock"))?;
+        Ok(r.rows_affected() > 0)
+    }
+}

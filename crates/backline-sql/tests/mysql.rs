@@ -1,0 +1,226 @@
+//! The conformance suite and the MySQL/MariaDB-specific tests, against a real server
+//! (`BACKLINE_MYSQL_URL`, default `mysql://root@127.0.0.1:3306/test`).
+//!
+//! Each test gets its own table, so the tests run in parallel. Without a server the tests
+//! print a loud notice and pass, unless `BACKLINE_REQUIRE_SERVICES=1`.
+
+use std::sync::{Arc, Mutex};
+
+use backline_core::{Backend, EnqueueOptions, Error, JobManager};
+use backline_sql::{SqlBackend, SqlConfig};
+use backline_testkit::Task;
+use tokio::sync::OnceCell;
+
+fn url() -> String {
+    std::env::var("BACKLINE_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
+}
+
+static REACHABLE: OnceCell<bool> = OnceCell::const_new();
+
+/// Whether the server answers; drops test tables left over by runs more than an hour old.
+async fn reachable() -> bool {
+    *REACHABLE
+        .get_or_init(|| async {
+            let config = SqlConfig::new(url())
+                .with_table("backline_t_probe")
+                .with_max_connections(1)
+                .with_connect_timeout(std::time::Duration::from_secs(5));
+            match SqlBackend::connect(config).await {
+                Ok(b) => {
+                    cleanup(&b).await;
+                    true
+                }
+                Err(e) => {
+                    let msg = format!(
+                        "MySQL at {} is unreachable ({e}); start it (`cargo xtask services up`)",
+                        backline_core::redact_url(&url())
+                    );
+                    if backline_testkit::require_services() {
+                        panic!("{msg}");
+                    }
+                    eprintln!("\n!!!!!!!!!! SKIPPING MYSQL TESTS: {msg} !!!!!!!!!!\n");
+                    false
+                }
+            }
+        })
+        .await
+}
+
+async fn cleanup(b: &SqlBackend) {
+    let Some(pool) = b.mysql_pool() else { return };
+    let cutoff = chrono::Utc::now().timestamp() - 3600;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(table_name AS CHAR) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name LIKE 'backline\\_t\\_%'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    for t in tables {
+        let stamp = t
+            .strip_prefix("backline_t_")
+            .and_then(|r| r.split('_').next())
+            .and_then(|s| s.parse::<i64>().ok());
+        if stamp.is_some_and(|s| s < cutoff) {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {t}")))
+                .execute(pool)
+                .await;
+            let _ = sqlx::query("DELETE FROM backline_migrations WHERE table_name = ?")
+                .bind(&t)
+                .execute(pool)
+                .await;
+        }
+    }
+}
+
+fn fresh_table() -> String {
+    format!(
+        "backline_t_{}_{:08x}",
+        chrono::Utc::now().timestamp(),
+        fastrand::u32(..)
+    )
+}
+
+async fn connect(table: &str) -> SqlBackend {
+    SqlBackend::connect(
+        SqlConfig::new(url())
+            .with_table(table)
+            .with_max_connections(5),
+    )
+    .await
+    .expect("connect to MySQL")
+}
+
+/// A fresh table per backend; `twin` opens a second pool on the same table.
+struct MySqlHarness {
+    table: Mutex<Option<String>>,
+}
+
+async fn harness() -> Option<MySqlHarness> {
+    reachable().await.then(|| MySqlHarness {
+        table: Mutex::new(None),
+    })
+}
+
+#[async_trait::async_trait]
+impl backline_testkit::Harness for MySqlHarness {
+    async fn backend(&self) -> Arc<dyn Backend> {
+        let table = fresh_table();
+        let b = connect(&table).await;
+        *self.table.lock().expect("harness lock") = Some(table);
+        Arc::new(b)
+    }
+
+    async fn twin(&self, _backend: &Arc<dyn Backend>) -> Arc<dyn Backend> {
+        let table = self
+            .table
+            .lock()
+            .expect("harness lock")
+            .clone()
+            .expect("backend() before twin()");
+        Arc::new(connect(&table).await)
+    }
+}
+
+backline_testkit::conformance!(match harness().await {
+    Some(h) => h,
+    None => return,
+});
+
+#[tokio::test]
+async fn a_rolled_back_transaction_leaves_no_job() {
+    if !reachable().await {
+        return;
+    }
+    let b = connect(&fresh_table()).await;
+    let manager = JobManager::new(b.clone());
+    let pool = b.mysql_pool().expect("mysql").clone();
+
+    let mut tx = pool.begin().await.expect("begin");
+    let job = manager
+        .prepare(&Task::ok("rolled back"), EnqueueOptions::new())
+        .expect("prepare");
+    let gone = b.enqueue_in(&mut *tx, job).await.expect("enqueue in tx");
+    tx.rollback().await.expect("rollback");
+    assert!(manager.get(gone).await.expect("get").is_none());
+
+    let mut tx = pool.begin().await.expect("begin");
+    let job = manager
+        .prepare(&Task::ok("committed"), EnqueueOptions::new())
+        .expect("prepare");
+    let kept = b.enqueue_in(&mut *tx, job).await.expect("enqueue in tx");
+    // Not visible to others before the commit.
+    assert!(manager.get(kept).await.expect("get").is_none());
+    tx.commit().await.expect("commit");
+    assert!(manager.get(kept).await.expect("get").is_some());
+    assert_eq!(manager.counts(None).await.expect("counts").total(), 1);
+}
+
+#[tokio::test]
+async fn the_claim_reads_the_claim_index_without_sorting() {
+    if !reachable().await {
+        return;
+    }
+    let b = connect(&fresh_table()).await;
+    let manager = JobManager::new(b.clone());
+    for chunk in 0..10 {
+        manager
+            .enqueue_batch((0..1000).map(|i| Task::ok(format!("{chunk}-{i}"))))
+            .await
+            .expect("enqueue");
+    }
+    let pool = b.mysql_pool().expect("mysql");
+    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE TABLE {}", b.table())))
+        .execute(pool)
+        .await
+        .expect("analyze");
+    let plan = b
+        .explain_claim("default", &["testkit.task".to_owned()])
+        .await
+        .expect("explain");
+    assert!(
+        plan.contains(&b.claim_index_name()),
+        "the claim does not read {}:\n{plan}",
+        b.claim_index_name()
+    );
+    assert!(!plan.contains("filesort"), "the claim sorts:\n{plan}");
+    eprintln!("{plan}");
+}
+
+#[tokio::test]
+async fn a_table_name_that_could_inject_sql_is_refused() {
+    for bad in [
+        "jobs; DROP TABLE users",
+        "jobs--",
+        "\"jobs\"",
+        "a.b.c",
+        "Jobs",
+    ] {
+        let r = SqlBackend::connect(SqlConfig::new(url()).with_table(bad)).await;
+        assert!(
+            matches!(r, Err(Error::Config(_))),
+            "{bad:?} was not refused: {r:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_connection_error_names_the_operation_and_hides_the_password() {
+    let r = SqlBackend::connect(
+        SqlConfig::new("mysql://someone:hunter2@127.0.0.1:1/test")
+            .with_connect_timeout(std::time::Duration::from_secs(2)),
+    )
+    .await;
+    match r {
+        Err(e @ Error::Connection { op: "connect", .. }) => {
+            let mut chain = format!("{e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                chain.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            assert!(!chain.contains("hunter2"), "{chain}");
+        }
+        other => panic!("expected a connection error, got {other:?}"),
+    }
+}
