@@ -44,7 +44,7 @@ impl Server {
         Server::Rabbitmq,
     ];
 
-    /// The name used on the command line and in `docker-compose.yml`'s comments.
+    /// The name on the command line and of the start log (`target/xtask/<name>.log`).
     fn name(self) -> &'static str {
         match self {
             Server::Postgres => "postgres",

@@ -237,11 +237,12 @@ fn main() -> ExitCode {
     };
     let mut failed = false;
     for &provider in &args.providers {
+        let load = report::load_average();
         let started = std::time::Instant::now();
         eprintln!("benchmarking {} …", provider.name());
         match runtime.block_on(bench(provider, &args.plan)) {
             Ok(rows) => {
-                let report = Report::new(provider.name(), &args.plan, WORKER_THREADS, rows);
+                let report = Report::new(provider.name(), &args.plan, WORKER_THREADS, load, rows);
                 println!("{}", report.table(started.elapsed()));
                 let dir = out_dir();
                 match report.write_json(&dir) {
@@ -285,7 +286,7 @@ mod tests {
         };
         for &provider in Provider::ALL {
             let rows = bench(provider, &plan).await.expect("the benchmark runs");
-            let report = Report::new(provider.name(), &plan, WORKER_THREADS, rows);
+            let report = Report::new(provider.name(), &plan, WORKER_THREADS, None, rows);
             assert!(report.rows.iter().any(|r| r.id.starts_with("raw_")));
             assert!(report.rows.iter().all(|r| r.median > 0.0));
             assert!(report.table(Duration::ZERO).contains("drain"));

@@ -84,7 +84,7 @@ fn show(x: f64, unit: Unit) -> String {
 }
 
 /// The 1-minute load average, where `/proc/loadavg` tells it.
-fn load_average() -> Option<f64> {
+pub(crate) fn load_average() -> Option<f64> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
     text.split_whitespace().next()?.parse().ok()
 }
@@ -104,16 +104,23 @@ pub(crate) struct Report {
     available_parallelism: usize,
     /// Seconds since the Unix epoch when the report was made.
     unix_time: u64,
-    /// The machine's 1-minute load average when the report was made (Linux), a hint of how
-    /// much else was running: the figures are only comparable on a quiet machine.
-    load_average: Option<f64>,
+    /// The machine's 1-minute load average before the benchmark started (Linux): a hint of
+    /// how much else was running, since figures are only comparable on a quiet machine.
+    load_average_before: Option<f64>,
     /// The figures.
     pub(crate) rows: Vec<Row>,
 }
 
 impl Report {
-    /// A report of `rows` for `provider`.
-    pub(crate) fn new(provider: &str, plan: &Plan, worker_threads: usize, rows: Vec<Row>) -> Self {
+    /// A report of `rows` for `provider`, measured with `plan` after [`load_average`] read
+    /// `load_average_before`.
+    pub(crate) fn new(
+        provider: &str,
+        plan: &Plan,
+        worker_threads: usize,
+        load_average_before: Option<f64>,
+        rows: Vec<Row>,
+    ) -> Self {
         Report {
             provider: provider.to_owned(),
             quick: plan.quick,
@@ -123,7 +130,7 @@ impl Report {
             unix_time: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            load_average: load_average(),
+            load_average_before,
             rows,
         }
     }
@@ -142,8 +149,8 @@ impl Report {
             self.worker_threads,
             self.available_parallelism,
             self.runs_per_figure,
-            self.load_average
-                .map(|l| format!(", load average {l:.2}"))
+            self.load_average_before
+                .map(|l| format!(", load average {l:.2} before"))
                 .unwrap_or_default(),
             if self.quick { ", QUICK" } else { "" }
         );
