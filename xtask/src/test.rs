@@ -12,12 +12,12 @@ use std::process::Stdio;
 use crate::services::{self, Server};
 use crate::{cargo, display, Result};
 
-/// The servers each provider's tests talk to. A provider adds its line (or server) when its
-/// tests land, e.g. `Server::Mysql` for backline-sql's MariaDB tests,
-/// `("backline-redis", &[Server::Redis])`, `("backline-rabbitmq", &[Server::Rabbitmq])`.
+/// The servers each provider's tests talk to (SQLite is embedded). A provider adds its line
+/// when its tests land, e.g. `("backline-redis", &[Server::Redis])`,
+/// `("backline-rabbitmq", &[Server::Rabbitmq])`.
 const PROVIDERS: &[(&str, &[Server])] = &[
     ("backline-memory", &[]),
-    ("backline-sql", &[Server::Postgres]),
+    ("backline-sql", &[Server::Postgres, Server::Mysql]),
 ];
 
 /// The servers that `test` makes sure of, each once, in [`Server::ALL`] order.
