@@ -70,6 +70,7 @@ pub(crate) fn token_to_db(t: LeaseToken) -> i64 {
 }
 
 /// A stored token.
+#[cfg(feature = "postgres")]
 pub(crate) fn token_from_db(v: i64) -> LeaseToken {
     LeaseToken(u64::from_ne_bytes(v.to_ne_bytes()))
 }
@@ -91,25 +92,6 @@ pub(crate) fn first_per_job(batch: &[Finish]) -> Vec<usize> {
     (0..batch.len())
         .filter(|&i| seen.insert(batch[i].id))
         .collect()
-}
-
-/// The outcome kinds as the finish statements name them.
-pub(crate) const KIND_DROP: &str = "drop";
-pub(crate) const KIND_SUCCEEDED: &str = "succeeded";
-pub(crate) const KIND_RETRY: &str = "retry";
-pub(crate) const KIND_DEAD: &str = "dead";
-pub(crate) const KIND_RELEASE: &str = "release";
-
-/// One finish item in columns: kind, delay in microseconds, error.
-pub(crate) fn outcome_columns(o: &backline_core::Outcome) -> (&'static str, i64, Option<&str>) {
-    use backline_core::Outcome;
-    match o {
-        Outcome::Succeeded { keep: false } => (KIND_DROP, 0, None),
-        Outcome::Succeeded { keep: true } => (KIND_SUCCEEDED, 0, None),
-        Outcome::Retry { delay, error } => (KIND_RETRY, micros(*delay), Some(error)),
-        Outcome::Dead { error } => (KIND_DEAD, 0, Some(error)),
-        Outcome::Release => (KIND_RELEASE, 0, None),
-    }
 }
 
 /// Maps a driver error: connection trouble is [`Error::Connection`], the rest [`Error::Backend`].
@@ -153,6 +135,7 @@ impl Signals {
     }
 
     /// Wakes every waiter (after a lost connection, when notifications may have been missed).
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
     pub(crate) fn bump_all(&self) {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         for tx in map.values() {

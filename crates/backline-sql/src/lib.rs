@@ -46,8 +46,17 @@ enum Driver {
 /// statements and the wake-ups of each database.
 #[derive(Clone)]
 pub struct SqlBackend {
+    ops: Arc<dyn DriverOps>,
     driver: Driver,
     table: Arc<TableName>,
+}
+
+/// What every driver does beyond [`Backend`].
+#[async_trait]
+pub(crate) trait DriverOps: Backend {
+    async fn migrate(&self) -> Result<()>;
+    async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String>;
+    fn claim_index_name(&self) -> String;
 }
 
 impl std::fmt::Debug for SqlBackend {
@@ -77,16 +86,16 @@ impl SqlBackend {
     /// Fails with [`Error::Config`] for a bad table name or a URL whose driver is not built in,
     /// and with [`Error::Connection`] when the server cannot be reached (the URL's password is
     /// never part of a message).
+    #[allow(unreachable_code)]
     pub async fn connect(config: SqlConfig) -> Result<SqlBackend> {
         config.validate()?;
         let table = TableName::parse(&config.table)?;
-        let driver = match scheme(&config.url) {
+        let (driver, ops): (Driver, Arc<dyn DriverOps>) = match scheme(&config.url) {
             "postgres" | "postgresql" => {
                 #[cfg(feature = "postgres")]
                 {
-                    Driver::Postgres(Arc::new(
-                        postgres::PgBackend::connect(&config, table.clone()).await?,
-                    ))
+                    let b = Arc::new(postgres::PgBackend::connect(&config, table.clone()).await?);
+                    (Driver::Postgres(b.clone()), b)
                 }
                 #[cfg(not(feature = "postgres"))]
                 return Err(not_built("postgres"));
@@ -94,9 +103,8 @@ impl SqlBackend {
             "sqlite" => {
                 #[cfg(feature = "sqlite")]
                 {
-                    Driver::Sqlite(Arc::new(
-                        sqlite::SqliteBackend::connect(&config, table.clone()).await?,
-                    ))
+                    let b = Arc::new(sqlite::SqliteBackend::connect(&config, table.clone()).await?);
+                    (Driver::Sqlite(b.clone()), b)
                 }
                 #[cfg(not(feature = "sqlite"))]
                 return Err(not_built("sqlite"));
@@ -104,9 +112,8 @@ impl SqlBackend {
             "mysql" | "mariadb" => {
                 #[cfg(feature = "mysql")]
                 {
-                    Driver::MySql(Arc::new(
-                        mysql::MySqlBackend::connect(&config, table.clone()).await?,
-                    ))
+                    let b = Arc::new(mysql::MySqlBackend::connect(&config, table.clone()).await?);
+                    (Driver::MySql(b.clone()), b)
                 }
                 #[cfg(not(feature = "mysql"))]
                 return Err(not_built("mysql"));
@@ -119,6 +126,7 @@ impl SqlBackend {
             }
         };
         let backend = SqlBackend {
+            ops,
             driver,
             table: Arc::new(table),
         };
@@ -129,27 +137,13 @@ impl SqlBackend {
     }
 
     fn inner(&self) -> &dyn Backend {
-        match &self.driver {
-            #[cfg(feature = "postgres")]
-            Driver::Postgres(b) => &**b,
-            #[cfg(feature = "sqlite")]
-            Driver::Sqlite(b) => &**b,
-            #[cfg(feature = "mysql")]
-            Driver::MySql(b) => &**b,
-        }
+        &*self.ops
     }
 
     /// Creates or upgrades the tables: the jobs table, its indexes and `{table}_locks`, recorded
     /// in `backline_migrations` (in the same schema). Safe to call from several processes at once.
     pub async fn migrate(&self) -> Result<()> {
-        match &self.driver {
-            #[cfg(feature = "postgres")]
-            Driver::Postgres(b) => b.migrate().await,
-            #[cfg(feature = "sqlite")]
-            Driver::Sqlite(b) => b.migrate().await,
-            #[cfg(feature = "mysql")]
-            Driver::MySql(b) => b.migrate().await,
-        }
+        self.ops.migrate().await
     }
 
     /// The jobs table.
@@ -231,26 +225,12 @@ impl SqlBackend {
     /// The plan the database makes for the claim of `queue` (PostgreSQL: `EXPLAIN`), to check
     /// that it reads the claim index.
     pub async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
-        match &self.driver {
-            #[cfg(feature = "postgres")]
-            Driver::Postgres(b) => b.explain_claim(queue, names).await,
-            #[cfg(feature = "sqlite")]
-            Driver::Sqlite(b) => b.explain_claim(queue, names).await,
-            #[cfg(feature = "mysql")]
-            Driver::MySql(b) => b.explain_claim(queue, names).await,
-        }
+        self.ops.explain_claim(queue, names).await
     }
 
     /// The name of the claim index (`{table}_claim`).
     pub fn claim_index_name(&self) -> String {
-        match &self.driver {
-            #[cfg(feature = "postgres")]
-            Driver::Postgres(b) => b.claim_index_name(),
-            #[cfg(feature = "sqlite")]
-            Driver::Sqlite(b) => b.claim_index_name(),
-            #[cfg(feature = "mysql")]
-            Driver::MySql(b) => b.claim_index_name(),
-        }
+        self.ops.claim_index_name()
     }
 }
 

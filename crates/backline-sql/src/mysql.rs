@@ -323,6 +323,21 @@ impl MySqlBackend {
 }
 
 #[async_trait]
+impl crate::DriverOps for MySqlBackend {
+    async fn migrate(&self) -> Result<()> {
+        MySqlBackend::migrate(self).await
+    }
+
+    async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
+        MySqlBackend::explain_claim(self, queue, names).await
+    }
+
+    fn claim_index_name(&self) -> String {
+        MySqlBackend::claim_index_name(self)
+    }
+}
+
+#[async_trait]
 impl Backend for MySqlBackend {
     fn name(&self) -> &'static str {
         NAME

@@ -17,8 +17,8 @@ use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tokio::sync::oneshot;
 
 use crate::common::{
-    first_per_job, map_err, micros, outcome_columns, sort_claimed, timeout_ms, token_from_db,
-    token_to_db, RawJob, Signals,
+    first_per_job, map_err, micros, sort_claimed, timeout_ms, token_from_db, token_to_db, RawJob,
+    Signals,
 };
 use crate::config::{SqlConfig, TableName};
 
@@ -61,6 +61,25 @@ const MIGRATIONS: &[&[&str]] = &[&[
 ]];
 
 const COLUMNS: &str = "id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at, last_error, lease_until, finished_at";
+
+/// The outcome kinds as the finish statements name them.
+const KIND_DROP: &str = "drop";
+const KIND_SUCCEEDED: &str = "succeeded";
+const KIND_RETRY: &str = "retry";
+const KIND_DEAD: &str = "dead";
+const KIND_RELEASE: &str = "release";
+
+/// One finish item in columns: kind, delay in microseconds, error.
+fn outcome_columns(o: &backline_core::Outcome) -> (&'static str, i64, Option<&str>) {
+    use backline_core::Outcome;
+    match o {
+        Outcome::Succeeded { keep: false } => (KIND_DROP, 0, None),
+        Outcome::Succeeded { keep: true } => (KIND_SUCCEEDED, 0, None),
+        Outcome::Retry { delay, error } => (KIND_RETRY, micros(*delay), Some(error)),
+        Outcome::Dead { error } => (KIND_DEAD, 0, Some(error)),
+        Outcome::Release => (KIND_RELEASE, 0, None),
+    }
+}
 
 fn claim_index(table: &TableName) -> String {
     format!("{}_claim", table.name())
@@ -315,7 +334,10 @@ impl PgBackend {
             .max_lifetime(None)
             .idle_timeout(None)
             .acquire_timeout(config.connect_timeout)
-            .connect_lazy_with(options.application_name("backline-listener"));
+            // Named after the table, so that an operator (or a test) can find this connection.
+            .connect_lazy_with(
+                options.application_name(&format!("backline-listener:{}", table.qualified())),
+            );
         tokio::spawn(listen_loop(
             listen_pool,
             channel.clone(),
@@ -588,6 +610,21 @@ async fn listen_loop(
                 }
             }
         }
+    }
+}
+
+#[async_trait]
+impl crate::DriverOps for PgBackend {
+    async fn migrate(&self) -> Result<()> {
+        PgBackend::migrate(self).await
+    }
+
+    async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
+        PgBackend::explain_claim(self, queue, names).await
+    }
+
+    fn claim_index_name(&self) -> String {
+        PgBackend::claim_index_name(self)
     }
 }
 

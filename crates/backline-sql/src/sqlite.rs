@@ -439,6 +439,21 @@ impl SqliteBackend {
 }
 
 #[async_trait]
+impl crate::DriverOps for SqliteBackend {
+    async fn migrate(&self) -> Result<()> {
+        SqliteBackend::migrate(self).await
+    }
+
+    async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
+        SqliteBackend::explain_claim(self, queue, names).await
+    }
+
+    fn claim_index_name(&self) -> String {
+        SqliteBackend::claim_index_name(self)
+    }
+}
+
+#[async_trait]
 impl Backend for SqliteBackend {
     fn name(&self) -> &'static str {
         NAME

@@ -25,6 +25,7 @@ async fn reachable() -> bool {
             let config = SqlConfig::new(url())
                 .with_table("backline_t_probe")
                 .with_max_connections(1)
+                .with_migrate_on_connect(false)
                 .with_connect_timeout(std::time::Duration::from_secs(5));
             match SqlBackend::connect(config).await {
                 Ok(b) => {
