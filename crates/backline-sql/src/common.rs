@@ -94,6 +94,55 @@ pub(crate) fn first_per_job(batch: &[Finish]) -> Vec<usize> {
         .collect()
 }
 
+/// `?, ?, …` for `n` parameters.
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
+pub(crate) fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// The most ids bound in one `IN (…)` list.
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
+pub(crate) const ID_CHUNK: usize = 500;
+
+/// A finish batch split by what can be written in one statement per group: the items whose
+/// token is the current one (`held`: job → token of its running claim), by outcome.
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
+#[derive(Default)]
+pub(crate) struct FinishPlan {
+    /// Succeeded, not kept: deleted.
+    pub(crate) drop: Vec<usize>,
+    /// Succeeded and kept.
+    pub(crate) succeeded: Vec<usize>,
+    /// Handed back.
+    pub(crate) release: Vec<usize>,
+    /// Retries and dead jobs, each with its own delay or error: one statement each.
+    pub(crate) one_by_one: Vec<usize>,
+}
+
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
+impl FinishPlan {
+    pub(crate) fn new(
+        batch: &[Finish],
+        held: &std::collections::HashMap<JobId, i64>,
+    ) -> FinishPlan {
+        use backline_core::Outcome;
+        let mut plan = FinishPlan::default();
+        for i in first_per_job(batch) {
+            let f = &batch[i];
+            if held.get(&f.id) != Some(&token_to_db(f.token)) {
+                continue;
+            }
+            match f.outcome {
+                Outcome::Succeeded { keep: false } => plan.drop.push(i),
+                Outcome::Succeeded { keep: true } => plan.succeeded.push(i),
+                Outcome::Release => plan.release.push(i),
+                Outcome::Retry { .. } | Outcome::Dead { .. } => plan.one_by_one.push(i),
+            }
+        }
+        plan
+    }
+}
+
 /// Maps a driver error: connection trouble is [`Error::Connection`], the rest [`Error::Backend`].
 pub(crate) fn map_err(backend: &'static str, op: &'static str) -> impl Fn(sqlx::Error) -> Error {
     move |e| match e {

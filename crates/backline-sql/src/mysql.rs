@@ -1,7 +1,7 @@
 //! MySQL 8 and MariaDB 10.6+: claims in one `READ COMMITTED` transaction
 //! (`SELECT … FOR UPDATE SKIP LOCKED`, then `UPDATE … WHERE id IN (…)`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -15,7 +15,8 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{AssertSqlSafe, Executor, MySqlConnection, Row};
 
 use crate::common::{
-    first_per_job, map_err, micros, sort_claimed, timeout_ms, token_to_db, RawJob, Signals,
+    map_err, micros, placeholders, sort_claimed, timeout_ms, token_to_db, FinishPlan, RawJob,
+    Signals, ID_CHUNK,
 };
 use crate::config::{SqlConfig, TableName};
 
@@ -58,10 +59,6 @@ const COLUMNS: &str = "id, name, queue, payload, priority, state, attempt, max_a
 
 /// The most rows in one multi-row `INSERT`.
 const INSERT_CHUNK: usize = 500;
-
-fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(", ")
-}
 
 fn raw(row: &MySqlRow) -> std::result::Result<RawJob, sqlx::Error> {
     let id: Vec<u8> = row.try_get("id")?;
@@ -414,60 +411,87 @@ impl Backend for MySqlBackend {
         let err = map_err(NAME, "finish");
         let t = &self.t;
         let mut out = vec![false; batch.len()];
-        let mut wake = false;
         let mut tx = self.tx("finish").await?;
-        for i in first_per_job(batch) {
+        // Lock the rows and read their tokens, then write each group in one statement.
+        let mut held = HashMap::with_capacity(batch.len());
+        for chunk in batch.chunks(ID_CHUNK) {
+            let mut query = sqlx::query(AssertSqlSafe(format!(
+                "SELECT id, lease_token FROM {t} WHERE state = 'running' AND id IN ({}) FOR UPDATE",
+                placeholders(chunk.len())
+            )));
+            for f in chunk {
+                query = query.bind(f.id.as_bytes().to_vec());
+            }
+            for r in query.fetch_all(&mut *tx).await.map_err(&err)? {
+                let id: Vec<u8> = r.try_get(0).map_err(&err)?;
+                let token: Option<i64> = r.try_get(1).map_err(&err)?;
+                if let (Ok(id), Some(token)) = (uuid::Uuid::from_slice(&id), token) {
+                    held.insert(JobId::from_uuid(id), token);
+                }
+            }
+        }
+        let plan = FinishPlan::new(batch, &held);
+        let groups: [(&[usize], String); 3] = [
+            (&plan.drop, format!("DELETE FROM {t} WHERE id IN ")),
+            (
+                &plan.succeeded,
+                format!(
+                    "UPDATE {t} SET state = 'succeeded', finished_at = UTC_TIMESTAMP(6),
+                        lease_token = NULL, lease_until = NULL WHERE id IN "
+                ),
+            ),
+            (
+                &plan.release,
+                format!(
+                    "UPDATE {t} SET state = 'ready', attempt = GREATEST(attempt - 1, 0),
+                        lease_token = NULL, lease_until = NULL WHERE id IN "
+                ),
+            ),
+        ];
+        for (items, prefix) in &groups {
+            for chunk in items.chunks(ID_CHUNK) {
+                let mut query = sqlx::query(AssertSqlSafe(format!(
+                    "{prefix}({})",
+                    placeholders(chunk.len())
+                )));
+                for &i in chunk {
+                    query = query.bind(batch[i].id.as_bytes().to_vec());
+                }
+                query.execute(&mut *tx).await.map_err(&err)?;
+                for &i in chunk {
+                    out[i] = true;
+                }
+            }
+        }
+        let mut wake = !plan.release.is_empty();
+        for &i in &plan.one_by_one {
             let f = &batch[i];
             let id = f.id.as_bytes().to_vec();
-            let token = token_to_db(f.token);
-            let r = match &f.outcome {
-                Outcome::Succeeded { keep: false } => sqlx::query(AssertSqlSafe(format!(
-                    "DELETE FROM {t} WHERE id = ? AND lease_token = ? AND state = 'running'"
-                )))
-                .bind(id)
-                .bind(token),
-                Outcome::Succeeded { keep: true } => sqlx::query(AssertSqlSafe(format!(
-                    "UPDATE {t} SET state = 'succeeded', finished_at = UTC_TIMESTAMP(6),
-                        lease_token = NULL, lease_until = NULL
-                    WHERE id = ? AND lease_token = ? AND state = 'running'"
-                )))
-                .bind(id)
-                .bind(token),
-                Outcome::Retry { delay, error } => sqlx::query(AssertSqlSafe(format!(
-                    "UPDATE {t} SET state = IF(? <= 0, 'ready', 'retrying'),
-                        run_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, last_error = ?,
-                        lease_token = NULL, lease_until = NULL
-                    WHERE id = ? AND lease_token = ? AND state = 'running'"
-                )))
-                .bind(micros(*delay))
-                .bind(micros(*delay))
-                .bind(error.clone())
-                .bind(id)
-                .bind(token),
+            let query = match &f.outcome {
+                Outcome::Retry { delay, error } => {
+                    wake |= delay.is_zero();
+                    sqlx::query(AssertSqlSafe(format!(
+                        "UPDATE {t} SET state = IF(? <= 0, 'ready', 'retrying'),
+                            run_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, last_error = ?,
+                            lease_token = NULL, lease_until = NULL
+                        WHERE id = ?"
+                    )))
+                    .bind(micros(*delay))
+                    .bind(micros(*delay))
+                    .bind(error.clone())
+                    .bind(id)
+                }
                 Outcome::Dead { error } => sqlx::query(AssertSqlSafe(format!(
                     "UPDATE {t} SET state = 'dead', finished_at = UTC_TIMESTAMP(6), last_error = ?,
                         lease_token = NULL, lease_until = NULL
-                    WHERE id = ? AND lease_token = ? AND state = 'running'"
+                    WHERE id = ?"
                 )))
                 .bind(error.clone())
-                .bind(id)
-                .bind(token),
-                Outcome::Release => sqlx::query(AssertSqlSafe(format!(
-                    "UPDATE {t} SET state = 'ready', attempt = GREATEST(attempt - 1, 0),
-                        lease_token = NULL, lease_until = NULL
-                    WHERE id = ? AND lease_token = ? AND state = 'running'"
-                )))
-                .bind(id)
-                .bind(token),
+                .bind(id),
+                _ => continue,
             };
-            let done = r.execute(&mut *tx).await.map_err(&err)?;
-            out[i] = done.rows_affected() > 0;
-            let wakes = match &f.outcome {
-                Outcome::Release => true,
-                Outcome::Retry { delay, .. } => delay.is_zero(),
-                _ => false,
-            };
-            wake |= out[i] && wakes;
+            query.execute(&mut *tx).await.map_err(&err)?;
+            out[i] = true;
         }
         tx.commit().await.map_err(&err)?;
         if wake {

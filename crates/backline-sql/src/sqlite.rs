@@ -1,7 +1,7 @@
 //! SQLite: an embedded file in WAL mode; every write in `BEGIN IMMEDIATE` on one writer
 //! connection; claims as `UPDATE … WHERE id IN (SELECT … LIMIT n) RETURNING …`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,8 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
 use crate::common::{
-    first_per_job, map_err, micros, sort_claimed, timeout_ms, token_to_db, RawJob, Signals,
+    map_err, micros, placeholders, sort_claimed, timeout_ms, token_to_db, FinishPlan, RawJob,
+    Signals, ID_CHUNK,
 };
 use crate::config::{SqlConfig, SqliteSync, TableName};
 
@@ -55,11 +56,12 @@ const MIGRATIONS: &[&[&str]] = &[&[
     )",
 ]];
 
+/// The most rows in one multi-row `INSERT` (10 parameters each, well under SQLite's limit).
+const INSERT_CHUNK: usize = 500;
+
 const COLUMNS: &str = "id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at, last_error, lease_until, finished_at";
 
 struct Sql {
-    push: Arc<str>,
-    finish_drop: Arc<str>,
     finish: Arc<str>,
     heartbeat: Arc<str>,
     promote: Arc<str>,
@@ -89,20 +91,11 @@ impl Sql {
             ))
         };
         Sql {
-            push: s(format!(
-                "INSERT INTO {t} (id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at)
-                VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10)
-                ON CONFLICT (id) DO NOTHING"
-            )),
-            finish_drop: s(format!(
-                "DELETE FROM {t} WHERE id = ?1 AND lease_token = ?2 AND state = 'running'"
-            )),
             finish: s(format!(
                 "UPDATE {t} SET state = ?1, attempt = MAX(attempt - ?2, 0), run_at = COALESCE(?3, run_at),
                     last_error = COALESCE(?4, last_error), finished_at = ?5,
                     lease_token = NULL, lease_until = NULL
-                WHERE id = ?6 AND lease_token = ?7 AND state = 'running'
-                RETURNING queue"
+                WHERE id = ?6 AND lease_token = ?7 AND state = 'running'"
             )),
             heartbeat: s(format!(
                 "UPDATE {t} SET lease_until = ?1 WHERE id = ?2 AND lease_token = ?3 AND state = 'running'"
@@ -348,7 +341,8 @@ impl SqliteBackend {
         Ok(())
     }
 
-    /// Inserts jobs on a connection; returns the queues that got a ready job.
+    /// Inserts jobs on a connection (multi-row statements); returns the queues that got a
+    /// ready job.
     async fn insert(
         &self,
         conn: &mut SqliteConnection,
@@ -357,30 +351,38 @@ impl SqliteBackend {
     ) -> Result<HashSet<String>> {
         let now = now_us();
         let mut woken = HashSet::new();
-        for j in jobs {
-            let run_at = match j.run_at {
-                RunAt::Now => now,
-                RunAt::After(d) => now.saturating_add(micros(d)),
-                RunAt::At(t) => t.timestamp_micros(),
-            };
-            let ready = run_at <= now;
-            let r = q(&self.sql.push)
-                .bind(j.id.as_bytes().to_vec())
-                .bind(j.name.clone())
-                .bind(j.queue.clone())
-                .bind(j.payload.clone())
-                .bind(j.priority.value())
-                .bind(if ready { "ready" } else { "scheduled" })
-                .bind(i64::from(j.max_attempts.max(1)))
-                .bind(timeout_ms(j.timeout))
-                .bind(now)
-                .bind(run_at)
-                .execute(&mut *conn)
-                .await
-                .map_err(map_err(NAME, op))?;
-            if ready && r.rows_affected() > 0 {
-                woken.insert(j.queue.clone());
+        for chunk in jobs.chunks(INSERT_CHUNK) {
+            let rows = vec!["(?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"; chunk.len()].join(", ");
+            let sql = format!(
+                "INSERT INTO {} (id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at)
+                VALUES {rows}
+                ON CONFLICT (id) DO NOTHING",
+                self.table.qualified()
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for j in chunk {
+                let run_at = match j.run_at {
+                    RunAt::Now => now,
+                    RunAt::After(d) => now.saturating_add(micros(d)),
+                    RunAt::At(t) => t.timestamp_micros(),
+                };
+                let ready = run_at <= now;
+                if ready {
+                    woken.insert(j.queue.clone());
+                }
+                query = query
+                    .bind(j.id.as_bytes().to_vec())
+                    .bind(j.name.clone())
+                    .bind(j.queue.clone())
+                    .bind(j.payload.clone())
+                    .bind(j.priority.value())
+                    .bind(if ready { "ready" } else { "scheduled" })
+                    .bind(i64::from(j.max_attempts.max(1)))
+                    .bind(timeout_ms(j.timeout))
+                    .bind(now)
+                    .bind(run_at);
             }
+            query.execute(&mut *conn).await.map_err(map_err(NAME, op))?;
         }
         Ok(woken)
     }
@@ -514,60 +516,100 @@ impl Backend for SqliteBackend {
         }
         let now = now_us();
         let err = map_err(NAME, "finish");
+        let t = self.table.qualified();
         let mut out = vec![false; batch.len()];
         let mut woken = HashSet::new();
+        // BEGIN IMMEDIATE holds the write lock: read the tokens, then write each group in one
+        // statement.
         let mut tx = self.begin("finish").await?;
-        for i in first_per_job(batch) {
-            let f = &batch[i];
-            let id = f.id.as_bytes().to_vec();
-            let token = token_to_db(f.token);
-            // (state, attempts to give back, new run-at, error, finished-at)
-            let (state, give_back, run_at, error, finished): (
-                &str,
-                i64,
-                Option<i64>,
-                Option<&str>,
-                Option<i64>,
-            ) = match &f.outcome {
-                Outcome::Succeeded { keep: false } => {
-                    let r = q(&self.sql.finish_drop)
-                        .bind(id)
-                        .bind(token)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(&err)?;
-                    out[i] = r.rows_affected() > 0;
-                    continue;
+        let mut held = HashMap::with_capacity(batch.len());
+        let mut queues = HashMap::with_capacity(batch.len());
+        for chunk in batch.chunks(ID_CHUNK) {
+            let mut query = sqlx::query(AssertSqlSafe(format!(
+                "SELECT id, lease_token, queue FROM {t} WHERE state = 'running' AND id IN ({})",
+                placeholders(chunk.len())
+            )));
+            for f in chunk {
+                query = query.bind(f.id.as_bytes().to_vec());
+            }
+            for r in query.fetch_all(&mut *tx).await.map_err(&err)? {
+                let id: Vec<u8> = r.try_get(0).map_err(&err)?;
+                let token: Option<i64> = r.try_get(1).map_err(&err)?;
+                let queue: String = r.try_get(2).map_err(&err)?;
+                if let (Ok(id), Some(token)) = (uuid::Uuid::from_slice(&id), token) {
+                    held.insert(JobId::from_uuid(id), token);
+                    queues.insert(JobId::from_uuid(id), queue);
                 }
-                Outcome::Succeeded { keep: true } => ("succeeded", 0, None, None, Some(now)),
+            }
+        }
+        let plan = FinishPlan::new(batch, &held);
+        let groups: [(&[usize], String, Option<i64>); 3] = [
+            (&plan.drop, format!("DELETE FROM {t} WHERE id IN "), None),
+            (
+                &plan.succeeded,
+                format!(
+                    "UPDATE {t} SET state = 'succeeded', finished_at = ?,
+                        lease_token = NULL, lease_until = NULL WHERE id IN "
+                ),
+                Some(now),
+            ),
+            (
+                &plan.release,
+                format!(
+                    "UPDATE {t} SET state = 'ready', attempt = MAX(attempt - 1, 0),
+                        lease_token = NULL, lease_until = NULL WHERE id IN "
+                ),
+                None,
+            ),
+        ];
+        for (items, prefix, first) in &groups {
+            for chunk in items.chunks(ID_CHUNK) {
+                let mut query = sqlx::query(AssertSqlSafe(format!(
+                    "{prefix}({})",
+                    placeholders(chunk.len())
+                )));
+                if let Some(v) = first {
+                    query = query.bind(*v);
+                }
+                for &i in chunk {
+                    query = query.bind(batch[i].id.as_bytes().to_vec());
+                }
+                query.execute(&mut *tx).await.map_err(&err)?;
+                for &i in chunk {
+                    out[i] = true;
+                }
+            }
+        }
+        for &i in &plan.release {
+            if let Some(q) = queues.get(&batch[i].id) {
+                woken.insert(q.clone());
+            }
+        }
+        for &i in &plan.one_by_one {
+            let f = &batch[i];
+            let (state, run_at, error, finished) = match &f.outcome {
                 Outcome::Retry { delay, error } => {
                     let state = if delay.is_zero() { "ready" } else { "retrying" };
-                    (
-                        state,
-                        0,
-                        Some(now.saturating_add(micros(*delay))),
-                        Some(error),
-                        None,
-                    )
+                    (state, Some(now.saturating_add(micros(*delay))), error, None)
                 }
-                Outcome::Dead { error } => ("dead", 0, None, Some(error), Some(now)),
-                Outcome::Release => ("ready", 1, None, None, None),
+                Outcome::Dead { error } => ("dead", None, error, Some(now)),
+                _ => continue,
             };
-            let row = q(&self.sql.finish)
+            q(&self.sql.finish)
                 .bind(state)
-                .bind(give_back)
+                .bind(0i64)
                 .bind(run_at)
-                .bind(error.map(str::to_owned))
+                .bind(error.clone())
                 .bind(finished)
-                .bind(id)
-                .bind(token)
-                .fetch_optional(&mut *tx)
+                .bind(f.id.as_bytes().to_vec())
+                .bind(token_to_db(f.token))
+                .execute(&mut *tx)
                 .await
                 .map_err(&err)?;
-            if let Some(row) = row {
-                out[i] = true;
-                if state == "ready" {
-                    woken.insert(row.try_get::<String, _>(0).map_err(&err)?);
+            out[i] = true;
+            if state == "ready" {
+                if let Some(q) = queues.get(&f.id) {
+                    woken.insert(q.clone());
                 }
             }
         }
