@@ -156,6 +156,19 @@ pub(crate) fn map_err(backend: &'static str, op: &'static str) -> impl Fn(sqlx::
             op,
             source: Box::new(e),
         },
+        // SQLSTATE class 08 (connection exception) and 57 (operator intervention: the server
+        // is shutting down or killed this session) are connection trouble too.
+        sqlx::Error::Database(ref db)
+            if db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57")) =>
+        {
+            Error::Connection {
+                backend,
+                op,
+                source: Box::new(e),
+            }
+        }
         other => Error::Backend {
             backend,
             op,

@@ -316,7 +316,8 @@ impl PgBackend {
         let options: PgConnectOptions = config.url.parse().map_err(|e: sqlx::Error| {
             Error::Config(format!("bad PostgreSQL URL {}: {e}", config.redacted_url()))
         })?;
-        let options = options.application_name("backline");
+        // Named after the table, so that an operator (or a test) can find these connections.
+        let options = options.application_name(&format!("backline:{}", table.qualified()));
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.connect_timeout)
@@ -334,7 +335,6 @@ impl PgBackend {
             .max_lifetime(None)
             .idle_timeout(None)
             .acquire_timeout(config.connect_timeout)
-            // Named after the table, so that an operator (or a test) can find this connection.
             .connect_lazy_with(
                 options.application_name(&format!("backline-listener:{}", table.qualified())),
             );

@@ -98,3 +98,56 @@ async fn a_killed_listen_connection_comes_back_and_wakes_the_server_again() {
     }
     assert_eq!(rec.tags(), ["first", "second"]);
 }
+
+/// Killing every connection of the backend's pool while a server drains loses no job: the
+/// pool reconnects, the server backs off and goes on, and a claim whose answer was lost comes
+/// back when its lease expires.
+#[tokio::test]
+async fn killed_pool_connections_lose_no_job() {
+    let table = format!(
+        "backline_t_{}_{:08x}",
+        chrono::Utc::now().timestamp(),
+        fastrand::u32(..)
+    );
+    let Some(a) = connect(&table).await else {
+        return;
+    };
+    let b = connect(&table).await.expect("second pool");
+    let manager = JobManager::new(a.clone());
+    let ids = manager
+        .enqueue_batch(
+            (0..60).map(|i| Task::new(format!("j{i}"), backline_testkit::Action::Sleep(20))),
+        )
+        .await
+        .expect("enqueue");
+    let rec = Recorder::new();
+    let running = JobServer::builder(a.clone())
+        .register(TaskHandler::<Task>::new(rec.clone()))
+        .config(fast_config())
+        .queue("default", 4)
+        .build()
+        .expect("server")
+        .start();
+    rec.wait_for_attempts(5).await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+        WHERE application_name = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(format!("backline:{table}"))
+    .fetch_all(b.pg_pool().expect("postgres"))
+    .await
+    .expect("terminate the pool's connections");
+    // `b`'s pool has the same name: its other connections go too.
+    assert!(!killed.is_empty());
+    let other = JobManager::new(connect(&table).await.expect("third pool"));
+    eventually("every job to succeed", || async {
+        let c = other.counts(None).await.ok()?;
+        (c.succeeded == ids.len() as u64).then_some(())
+    })
+    .await;
+    running.shutdown().await.expect("shutdown");
+    let mut ran: Vec<_> = rec.events().into_iter().map(|e| e.id).collect();
+    ran.sort();
+    ran.dedup();
+    assert_eq!(ran.len(), ids.len(), "every job ran");
+}
