@@ -509,25 +509,49 @@ impl Backend for MySqlBackend {
             return Ok(Vec::new());
         }
         let err = map_err(NAME, "heartbeat");
-        let sql = format!(
-            "UPDATE {} SET lease_until = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND
-            WHERE id = ? AND lease_token = ? AND state = 'running'",
-            self.t
-        );
+        let t = &self.t;
         let mut tx = self.tx("heartbeat").await?;
-        let mut held = Vec::with_capacity(leases.len());
-        for (id, token) in leases {
-            let r = sqlx::query(AssertSqlSafe(sql.clone()))
-                .bind(micros(lease))
-                .bind(id.as_bytes().to_vec())
-                .bind(token_to_db(*token))
-                .execute(&mut *tx)
-                .await
-                .map_err(&err)?;
-            held.push(r.rows_affected() > 0);
+        let mut held = HashMap::with_capacity(leases.len());
+        for chunk in leases.chunks(ID_CHUNK) {
+            let mut query = sqlx::query(AssertSqlSafe(format!(
+                "SELECT id, lease_token FROM {t} WHERE state = 'running' AND id IN ({}) FOR UPDATE",
+                placeholders(chunk.len())
+            )));
+            for (id, _) in chunk {
+                query = query.bind(id.as_bytes().to_vec());
+            }
+            for r in query.fetch_all(&mut *tx).await.map_err(&err)? {
+                let id: Vec<u8> = r.try_get(0).map_err(&err)?;
+                let token: Option<i64> = r.try_get(1).map_err(&err)?;
+                if let (Ok(id), Some(token)) = (uuid::Uuid::from_slice(&id), token) {
+                    held.insert(JobId::from_uuid(id), token);
+                }
+            }
+        }
+        let out: Vec<bool> = leases
+            .iter()
+            .map(|(id, token)| held.get(id) == Some(&token_to_db(*token)))
+            .collect();
+        let mut extend: Vec<&JobId> = leases
+            .iter()
+            .zip(&out)
+            .filter(|(_, ok)| **ok)
+            .map(|((id, _), _)| id)
+            .collect();
+        extend.dedup();
+        for chunk in extend.chunks(ID_CHUNK) {
+            let mut query = sqlx::query(AssertSqlSafe(format!(
+                "UPDATE {t} SET lease_until = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND WHERE id IN ({})",
+                placeholders(chunk.len())
+            )))
+            .bind(micros(lease));
+            for id in chunk {
+                query = query.bind(id.as_bytes().to_vec());
+            }
+            query.execute(&mut *tx).await.map_err(&err)?;
         }
         tx.commit().await.map_err(&err)?;
-        Ok(held)
+        Ok(out)
     }
 
     async fn wait(&self, queue: &str, seen: u64, timeout: Duration) -> Result<u64> {
