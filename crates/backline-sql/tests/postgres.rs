@@ -224,3 +224,38 @@ async fn a_connection_error_names_the_operation_and_hides_the_password() {
         other => panic!("expected a connection error, got {other:?}"),
     }
 }
+
+/// A job enqueued in a transaction wakes an idle server when the transaction commits
+/// (`pg_notify` in the same transaction): nothing else would, with hour-long polls.
+#[tokio::test]
+async fn a_committed_transactional_enqueue_wakes_an_idle_server() {
+    if !reachable().await {
+        return;
+    }
+    let b = connect(&fresh_table()).await;
+    let manager = JobManager::new(b.clone());
+    let rec = backline_testkit::Recorder::new();
+    let running = backline_core::JobServer::builder(b.clone())
+        .register(backline_testkit::TaskHandler::<Task>::new(rec.clone()))
+        .config(backline_testkit::fast_config())
+        .configure(|c| {
+            c.poll_interval = std::time::Duration::from_secs(3600);
+            c.maintenance_interval = std::time::Duration::from_secs(3600);
+        })
+        .build()
+        .expect("server")
+        .start();
+    // The first job proves the server is up and has gone idle after it.
+    let first = manager.enqueue(Task::ok("first")).await.expect("enqueue");
+    rec.wait_for_attempts(1).await;
+    let pool = b.pg_pool().expect("postgres").clone();
+    let mut tx = pool.begin().await.expect("begin");
+    let job = manager
+        .prepare(&Task::ok("in a transaction"), EnqueueOptions::new())
+        .expect("prepare");
+    let id = b.enqueue_in(&mut *tx, job).await.expect("enqueue in tx");
+    tx.commit().await.expect("commit");
+    let events = rec.wait_for_attempts(2).await;
+    running.shutdown().await.expect("shutdown");
+    assert_eq!((events[0].id, events[1].id), (first, id));
+}
