@@ -3,7 +3,7 @@
 //! A provider implements [`Harness`] (a fresh, isolated backend per call: its own table, key
 //! prefix or queue prefix) and expands [`conformance!`] once in a test file:
 //!
-//! ```ignore
+//! ```text
 //! struct MyHarness;
 //! #[async_trait::async_trait]
 //! impl backline_testkit::Harness for MyHarness {
