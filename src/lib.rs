@@ -11,3 +11,13 @@ pub mod memory {
 
 #[cfg(feature = "memory")]
 pub use backline_memory::MemoryBackend;
+
+/// The SQL provider (features `sqlite`, `postgres`, `mysql`): [`SqlBackend`](backline_sql::SqlBackend)
+/// over sqlx, with transactional enqueue.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub mod sql {
+    pub use backline_sql::*;
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub use backline_sql::{SqlBackend, SqlConfig};
