@@ -371,5 +371,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn lock_release(&self, name: &str, owner: LeaseToken) -> Result<bool>;
 }
 
+impl std::fmt::Debug for dyn Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Backend({})", self.name())
+    }
+}
+
 /// `Backend` must stay dyn-compatible: this stops compiling if it does not.
 const _: Option<&dyn Backend> = None;

@@ -36,12 +36,6 @@ pub struct DistributedLock {
     renewal: Option<JoinHandle<()>>,
 }
 
-impl std::fmt::Debug for dyn Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Backend({})", self.name())
-    }
-}
-
 impl DistributedLock {
     /// Takes the lock if it is free; `None` if another holder has it.
     pub async fn acquire(
