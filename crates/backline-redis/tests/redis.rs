@@ -1,0 +1,231 @@
+//! The conformance suite and the Redis-specific tests, against a real server
+//! (`BACKLINE_REDIS_URL`, default `redis://127.0.0.1:6379`).
+//!
+//! Each backend gets its own random key prefix, so the tests run in parallel and never touch
+//! other keys; each test deletes its keys at the end (a `SCAN` by its prefix, here in the test
+//! only). Without a server the tests print a loud notice and pass, unless
+//! `BACKLINE_REQUIRE_SERVICES=1`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backline_core::{Backend, ClaimRequest, Error, JobManager, JobState};
+use backline_redis::{RedisBackend, RedisConfig};
+use backline_testkit::Task;
+use tokio::sync::OnceCell;
+
+fn url() -> String {
+    std::env::var("BACKLINE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+static REACHABLE: OnceCell<bool> = OnceCell::const_new();
+
+async fn reachable() -> bool {
+    *REACHABLE
+        .get_or_init(|| async {
+            let config = RedisConfig::new(url())
+                .with_prefix(fresh_prefix())
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_reconnect_retries(0);
+            match RedisBackend::connect(config).await {
+                Ok(_) => true,
+                Err(e) => {
+                    let msg = format!(
+                        "Redis at {} is unreachable ({e}); start it (`cargo xtask services up`)",
+                        backline_core::redact_url(&url())
+                    );
+                    if backline_testkit::require_services() {
+                        panic!("{msg}");
+                    }
+                    eprintln!("\n!!!!!!!!!! SKIPPING REDIS TESTS: {msg} !!!!!!!!!!\n");
+                    false
+                }
+            }
+        })
+        .await
+}
+
+fn fresh_prefix() -> String {
+    format!("backline-test-{:016x}", fastrand::u64(..))
+}
+
+async fn connect(prefix: &str) -> RedisBackend {
+    RedisBackend::connect(RedisConfig::new(url()).with_prefix(prefix))
+        .await
+        .expect("connect to Redis")
+}
+
+/// Deletes every key of `prefix` (its keys start with `prefix:` or `{prefix:`).
+async fn delete_keys(prefix: &str) {
+    let Ok(client) = redis::Client::open(url()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    for pattern in [format!("{prefix}:*"), format!("{{{prefix}:*")] {
+        let mut cursor = 0u64;
+        loop {
+            let r: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await;
+            let Ok((next, keys)) = r else { break };
+            if !keys.is_empty() {
+                let _: redis::RedisResult<i64> =
+                    redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// A fresh prefix per backend; `twin` opens other connections on the same prefix. Dropping
+/// the harness deletes the keys of every prefix it made.
+struct RedisHarness {
+    prefixes: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for RedisHarness {
+    fn drop(&mut self) {
+        let prefixes = std::mem::take(&mut *self.prefixes.lock().expect("harness lock"));
+        if prefixes.is_empty() {
+            return;
+        }
+        // The test's runtime is ending: clean up on a small runtime of our own.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    for p in prefixes {
+                        delete_keys(&p).await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+async fn harness() -> Option<RedisHarness> {
+    reachable().await.then(|| RedisHarness {
+        prefixes: Arc::new(Mutex::new(Vec::new())),
+    })
+}
+
+impl RedisHarness {
+    fn current(&self) -> String {
+        self.prefixes
+            .lock()
+            .expect("harness lock")
+            .last()
+            .cloned()
+            .expect("backend() before twin()")
+    }
+}
+
+#[async_trait::async_trait]
+impl backline_testkit::Harness for RedisHarness {
+    async fn backend(&self) -> Arc<dyn Backend> {
+        let prefix = fresh_prefix();
+        self.prefixes
+            .lock()
+            .expect("harness lock")
+            .push(prefix.clone());
+        Arc::new(connect(&prefix).await)
+    }
+
+    async fn twin(&self, _backend: &Arc<dyn Backend>) -> Arc<dyn Backend> {
+        Arc::new(connect(&self.current()).await)
+    }
+}
+
+backline_testkit::conformance!(match harness().await {
+    Some(h) => h,
+    None => return,
+});
+
+/// 200,000 jobs in one queue: pushes, a claim of 1,000 and a maintenance pass all do bounded
+/// work (no script walks the whole queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_thousand_queued_jobs_and_a_claim_of_a_thousand() {
+    let Some(h) = harness().await else { return };
+    let b = backline_testkit::Harness::backend(&h).await;
+    let manager = JobManager::new(b.clone());
+    for chunk in 0..20 {
+        manager
+            .enqueue_batch((0..10_000).map(|i| Task::ok(format!("{chunk}-{i}"))))
+            .await
+            .expect("enqueue");
+    }
+    let counts = manager.counts(Some("default")).await.expect("counts");
+    assert_eq!(counts.ready, 200_000);
+    let names = vec!["testkit.task".to_owned()];
+    let claimed = b
+        .claim(ClaimRequest {
+            queue: "default",
+            names: &names,
+            limit: 1000,
+            lease: Duration::from_secs(60),
+        })
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1000);
+    assert!(claimed.iter().all(|c| c.job.state == JobState::Running));
+    // Equal priority: the oldest first (ids are UUIDv7, made in order).
+    let ids: Vec<_> = claimed.iter().map(|c| c.job.id).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted);
+    let counts = manager.counts(Some("default")).await.expect("counts");
+    assert_eq!((counts.ready, counts.running), (199_000, 1000));
+    let report = b
+        .maintain(&backline_core::Maintenance {
+            batch: 1000,
+            succeeded_ttl: Duration::from_secs(3600),
+            dead_ttl: Duration::from_secs(3600),
+        })
+        .await
+        .expect("maintain");
+    assert_eq!(report.recovered, 0);
+}
+
+#[tokio::test]
+async fn a_prefix_with_braces_is_refused() {
+    for bad in ["", "a{b", "x}"] {
+        let r = RedisBackend::connect(RedisConfig::new(url()).with_prefix(bad)).await;
+        assert!(
+            matches!(r, Err(Error::Config(_))),
+            "{bad:?} was not refused: {r:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_connection_error_names_the_operation_and_hides_the_password() {
+    let config = RedisConfig::new("redis://someone:hunter2@127.0.0.1:1/0")
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_reconnect_retries(0);
+    assert!(!format!("{config:?}").contains("hunter2"));
+    match RedisBackend::connect(config).await {
+        Err(e @ Error::Connection { op: "connect", .. }) => {
+            let mut chain = format!("{e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                chain.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            assert!(!chain.contains("hunter2"), "{chain}");
+        }
+        other => panic!("expected a connection error, got {other:?}"),
+    }
+}
