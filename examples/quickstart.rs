@@ -1,7 +1,13 @@
-//! Run with: cargo run --example quickstart
+//! Run with: cargo run --example quickstart   (then run it again)
 //!
-//! Backline in one file: two background jobs (one delayed, one with a high priority) run by a
-//! `JobServer`, beside a periodic health-check worker, all under one `WorkerManager`.
+//! Backline in one file, on the embedded default: a SQLite file under `target/`
+//! (`target/backline-quickstart.sqlite`, or under `$CARGO_TARGET_DIR`), no server needed. Two
+//! background jobs (one delayed, one with a high priority) run by a `JobServer`, beside a
+//! periodic health-check worker, all under one `WorkerManager`.
+//!
+//! Jobs are durable: each run also enqueues a follow-up email due in 3 s and exits before it
+//! is due, printing how many jobs it leaves for the next run. Run the example again and it
+//! finds those jobs in the file and runs them.
 //!
 //! Job or worker? A *job* happens once because something happened (a user signed up, a report
 //! was requested) and must survive a crash; a *worker* runs because time passes (every 500 ms
@@ -9,11 +15,15 @@
 //!
 //! Set `RUST_LOG=debug` to see more of what the server does. The example exits by itself.
 
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use backline::{
-    BackgroundJob, EnqueueOptions, JobArgs, JobContext, JobError, JobManager, JobServer,
-    MemoryBackend, PeriodicWorker, Priority, Schedule, WorkerContext, WorkerError, WorkerManager,
+    BackgroundJob, EnqueueOptions, JobArgs, JobContext, JobError, JobFilter, JobId, JobManager,
+    JobServer, JobState, PeriodicWorker, Priority, Schedule, SqlBackend, SqlConfig, WorkerContext,
+    WorkerError, WorkerManager,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -29,6 +39,16 @@ impl JobArgs for WelcomeEmail {
     const NAME: &'static str = "emails.welcome";
 }
 
+/// The arguments of the follow-up email: due after this run has ended.
+#[derive(Serialize, Deserialize)]
+struct FollowUpEmail {
+    to: String,
+}
+
+impl JobArgs for FollowUpEmail {
+    const NAME: &'static str = "emails.follow_up";
+}
+
 /// The arguments of the data export job.
 #[derive(Serialize, Deserialize)]
 struct ExportData {
@@ -39,9 +59,12 @@ impl JobArgs for ExportData {
     const NAME: &'static str = "reports.export";
 }
 
+/// What a handler tells `main` when it is done: the job and a few words about it.
+type Done = mpsc::UnboundedSender<(JobId, String)>;
+
 /// Sends the welcome email, then tells `main` it is done.
 struct SendWelcomeEmail {
-    done: mpsc::UnboundedSender<String>,
+    done: Done,
 }
 
 impl BackgroundJob for SendWelcomeEmail {
@@ -49,14 +72,37 @@ impl BackgroundJob for SendWelcomeEmail {
 
     async fn execute(&self, args: WelcomeEmail, ctx: JobContext) -> Result<(), JobError> {
         println!("[job {}] sending a welcome email to {}", ctx.id(), args.to);
-        let _ = self.done.send(format!("welcome email to {}", args.to));
+        let _ = self
+            .done
+            .send((ctx.id(), format!("welcome email to {}", args.to)));
+        Ok(())
+    }
+}
+
+/// Sends the follow-up email, then tells `main` it is done.
+struct SendFollowUpEmail {
+    done: Done,
+}
+
+impl BackgroundJob for SendFollowUpEmail {
+    type Args = FollowUpEmail;
+
+    async fn execute(&self, args: FollowUpEmail, ctx: JobContext) -> Result<(), JobError> {
+        println!(
+            "[job {}] sending a follow-up email to {}",
+            ctx.id(),
+            args.to
+        );
+        let _ = self
+            .done
+            .send((ctx.id(), format!("follow-up email to {}", args.to)));
         Ok(())
     }
 }
 
 /// Exports a user's data, then tells `main` it is done.
 struct RunExport {
-    done: mpsc::UnboundedSender<String>,
+    done: Done,
 }
 
 impl BackgroundJob for RunExport {
@@ -69,7 +115,9 @@ impl BackgroundJob for RunExport {
             args.user_id,
             ctx.attempt()
         );
-        let _ = self.done.send(format!("export for user {}", args.user_id));
+        let _ = self
+            .done
+            .send((ctx.id(), format!("export for user {}", args.user_id)));
         Ok(())
     }
 }
@@ -93,27 +141,94 @@ impl PeriodicWorker for HealthCheck {
     }
 }
 
+/// `target/backline-quickstart.sqlite`, under `$CARGO_TARGET_DIR` when it is set.
+fn database_file() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("backline-quickstart.sqlite")
+}
+
+fn jobs(n: u64) -> String {
+    format!("{n} job{}", if n == 1 { "" } else { "s" })
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // A clear message, no panic and no backtrace.
+            eprintln!("[app] error: {}", describe(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
 
-    // The in-memory provider: nothing survives a restart. The SQL provider, with SQLite as the
-    // embedded default, comes in a later issue; switching is a change of this one line.
-    let backend = MemoryBackend::new();
+/// The error and its causes on one line.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
+}
 
-    // The application side: enqueue jobs. A web node would only ever do this part.
-    let jobs = JobManager::new(backend.clone());
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    // The embedded default: one SQLite file, created (and its tables migrated) on the first
+    // connect. Switching to PostgreSQL or MySQL is a change of this URL (and a cargo feature).
+    let file = database_file();
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let backend = SqlBackend::connect(SqlConfig::new(format!("sqlite://{}", file.display())))
+        .await
+        .map_err(|e| format!("cannot open {}: {}", file.display(), describe(&e)))?;
+    println!("[app] jobs are stored in {}", file.display());
+
+    // The application side: enqueue and inspect jobs. A web node would only ever do this part.
+    let manager = JobManager::new(backend.clone());
+
+    // What an earlier run left behind: jobs still waiting in the file.
+    let mut found = Vec::new();
+    for state in [JobState::Scheduled, JobState::Ready, JobState::Retrying] {
+        let filter = JobFilter {
+            state: Some(state),
+            limit: 1000,
+            ..JobFilter::default()
+        };
+        found.extend(manager.list(&filter).await?);
+    }
+    if found.is_empty() {
+        println!("[app] no jobs left by a previous run (run the example again to see some)");
+    } else {
+        println!(
+            "[app] found {} left by the previous run; running them now:",
+            jobs(found.len() as u64)
+        );
+        for job in &found {
+            println!("[app]   {} {} ({:?})", job.name, job.id, job.state);
+        }
+    }
+    let left_over: HashSet<JobId> = found.iter().map(|job| job.id).collect();
 
     // The execution side: a job server with one handler per job type. It is itself a
     // background worker, so the worker manager starts, supervises and stops it.
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let server = JobServer::builder(backend.clone())
         .register(SendWelcomeEmail {
+            done: done_tx.clone(),
+        })
+        .register(SendFollowUpEmail {
             done: done_tx.clone(),
         })
         .register(RunExport { done: done_tx })
@@ -124,7 +239,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     workers.add(server);
     let running = workers.start();
 
-    let welcome = jobs
+    let welcome = manager
         .enqueue_with(
             WelcomeEmail {
                 to: "ada@example.com".into(),
@@ -134,7 +249,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     println!("[app] enqueued welcome email {welcome}, due in 1 s");
 
-    let export = jobs
+    let export = manager
         .enqueue_with(
             ExportData { user_id: 42 },
             EnqueueOptions::new().priority(Priority::High),
@@ -142,31 +257,54 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     println!("[app] enqueued export {export} with priority High");
 
-    // Wait until both handlers have reported, with a deadline so the example always ends.
-    let both = async {
-        for _ in 0..2 {
-            match done_rx.recv().await {
-                Some(what) => println!("[app] done: {what}"),
-                None => break,
-            }
+    let follow_up = manager
+        .enqueue_with(
+            FollowUpEmail {
+                to: "ada@example.com".into(),
+            },
+            EnqueueOptions::new().delay(Duration::from_secs(3)),
+        )
+        .await?;
+    println!("[app] enqueued follow-up email {follow_up}, due in 3 s: after this run has ended");
+
+    // Wait until the welcome email, the export and the jobs left by the previous run have run,
+    // with a deadline so that the example always ends. The follow-up is not waited for.
+    let mut waiting: HashSet<JobId> = left_over.iter().copied().collect();
+    waiting.extend([welcome, export]);
+    let all_done = async {
+        while !waiting.is_empty() {
+            let Some((id, what)) = done_rx.recv().await else {
+                break;
+            };
+            let note = if left_over.contains(&id) {
+                " (left by the previous run)"
+            } else {
+                ""
+            };
+            println!("[app] done: {what}{note}");
+            waiting.remove(&id);
         }
     };
-    if tokio::time::timeout(Duration::from_secs(5), both)
+    if tokio::time::timeout(Duration::from_secs(8), all_done)
         .await
         .is_err()
     {
-        eprintln!("[app] the jobs did not finish within 5 s; shutting down anyway");
+        eprintln!("[app] some jobs did not finish within 8 s; shutting down anyway");
     }
 
     // Graceful shutdown: the server stops claiming, lets running jobs finish and writes their
     // results; the health check is cancelled between two runs.
     running.shutdown().await;
 
-    let counts = jobs.counts(None).await?;
+    let counts = manager.counts(None).await?;
+    let left = counts.scheduled + counts.ready + counts.retrying;
     println!(
-        "[app] stopped; jobs succeeded: {}, waiting: {}",
-        counts.succeeded,
-        counts.scheduled + counts.ready + counts.retrying
+        "[app] stopped; {} succeeded (kept for an hour), {} left for the next run",
+        jobs(counts.succeeded),
+        jobs(left)
     );
+    if left > 0 {
+        println!("[app] run `cargo run --example quickstart` again: it will find and run them");
+    }
     Ok(())
 }
