@@ -1,0 +1,249 @@
+//! Run with: cargo run --example sqlite   (the `sqlite` feature is on by default)
+//!
+//! Needs no server: the jobs live in a SQLite file under `target/`
+//! (`target/backline-example-sqlite.sqlite`, or under `$CARGO_TARGET_DIR`), in the table
+//! `backline_example_jobs`. The example removes the file when it is done.
+//!
+//! Shown here, in order: connect and migrate; enqueue; enqueue inside the application's own
+//! sqlx transaction, beside the application's own write (one transaction committed, one rolled
+//! back: only the committed job exists and runs); a `JobServer` draining the table with
+//! `run_until_idle`; inspection with `counts` and `list`. It exits by itself.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backline::sql::sqlx;
+use backline::{
+    BackgroundJob, Counts, EnqueueOptions, JobArgs, JobContext, JobError, JobFilter, JobManager,
+    JobServer, JobState, SqlBackend, SqlConfig,
+};
+use serde::{Deserialize, Serialize};
+
+/// Backline's table for this example (its lock table is `backline_example_jobs_locks`).
+const TABLE: &str = "backline_example_jobs";
+
+/// A job enqueued on its own.
+#[derive(Serialize, Deserialize)]
+struct WelcomeEmail {
+    to: String,
+}
+
+impl JobArgs for WelcomeEmail {
+    const NAME: &'static str = "emails.welcome";
+}
+
+/// A job enqueued in the same transaction as the order it belongs to.
+#[derive(Serialize, Deserialize)]
+struct SendReceipt {
+    order_id: i64,
+}
+
+impl JobArgs for SendReceipt {
+    const NAME: &'static str = "orders.receipt";
+}
+
+/// What ran, for the check at the end.
+type Ran = Arc<Mutex<Vec<String>>>;
+
+struct SendWelcomeEmail(Ran);
+
+impl BackgroundJob for SendWelcomeEmail {
+    type Args = WelcomeEmail;
+
+    async fn execute(&self, args: WelcomeEmail, ctx: JobContext) -> Result<(), JobError> {
+        println!("[job {}] sending a welcome email to {}", ctx.id(), args.to);
+        self.0
+            .lock()
+            .expect("lock")
+            .push(format!("welcome {}", args.to));
+        Ok(())
+    }
+}
+
+struct SendReceiptEmail(Ran);
+
+impl BackgroundJob for SendReceiptEmail {
+    type Args = SendReceipt;
+
+    async fn execute(&self, args: SendReceipt, ctx: JobContext) -> Result<(), JobError> {
+        println!(
+            "[job {}] sending the receipt of order {}",
+            ctx.id(),
+            args.order_id
+        );
+        self.0
+            .lock()
+            .expect("lock")
+            .push(format!("receipt {}", args.order_id));
+        Ok(())
+    }
+}
+
+/// `target/backline-example-sqlite.sqlite`, under `$CARGO_TARGET_DIR` when it is set.
+fn database_file() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("backline-example-sqlite.sqlite")
+}
+
+/// The file and SQLite's `-wal` and `-shm` files beside it.
+fn remove_database(file: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = file.as_os_str().to_owned();
+        path.push(suffix);
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn print_counts(when: &str, c: &Counts) {
+    println!(
+        "[app] counts {when}: scheduled {}, ready {}, running {}, retrying {}, succeeded {}, dead {}",
+        c.scheduled, c.ready, c.running, c.retrying, c.succeeded, c.dead
+    );
+}
+
+/// The error and its causes on one line.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+
+    let file = database_file();
+    // A fresh file: nothing from an earlier run that was interrupted.
+    remove_database(&file);
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let url = format!("sqlite://{}", file.display());
+
+    // Connect (the file is created if missing), then apply the migrations explicitly; by
+    // default `connect` migrates too.
+    let config = SqlConfig::new(&url)
+        .with_table(TABLE)
+        .with_migrate_on_connect(false);
+    let backend = match SqlBackend::connect(config).await {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("[app] cannot open the SQLite file {url}: {}", describe(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = demo(&backend).await;
+    drop(backend);
+    remove_database(&file);
+    println!("[app] removed {}", file.display());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("[app] error: {}", describe(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo(backend: &SqlBackend) -> Result<(), Box<dyn std::error::Error>> {
+    backend.migrate().await?;
+    println!("[app] opened {TABLE} in the SQLite file, migrations applied");
+    let manager = JobManager::new(backend.clone());
+
+    // The application's own table, in the same file.
+    let pool = backend.sqlite_pool().ok_or("not a SQLite backend")?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS backline_example_orders (id INTEGER PRIMARY KEY, item TEXT NOT NULL)",
+    )
+    .execute(pool)
+    .await?;
+
+    // 1. A plain enqueue, and one for later.
+    let welcome = manager
+        .enqueue(WelcomeEmail {
+            to: "ada@example.com".into(),
+        })
+        .await?;
+    println!("[app] enqueued welcome email {welcome}");
+    let later = manager
+        .enqueue_with(
+            WelcomeEmail {
+                to: "grace@example.com".into(),
+            },
+            EnqueueOptions::new().delay(Duration::from_secs(3600)),
+        )
+        .await?;
+    println!("[app] enqueued welcome email {later}, due in an hour");
+
+    // 2. Transactional enqueue: the order and its receipt job are written together. SQLite
+    //    transactions that write should start with BEGIN IMMEDIATE, as Backline's own do.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    sqlx::query("INSERT INTO backline_example_orders (id, item) VALUES (1, 'a teapot')")
+        .execute(&mut *tx)
+        .await?;
+    let job = manager.prepare(&SendReceipt { order_id: 1 }, EnqueueOptions::new())?;
+    let committed = backend.enqueue_in(&mut *tx, job).await?;
+    tx.commit().await?;
+    println!("[app] order 1 and its receipt job {committed}: committed");
+
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    sqlx::query("INSERT INTO backline_example_orders (id, item) VALUES (2, 'a kettle')")
+        .execute(&mut *tx)
+        .await?;
+    let job = manager.prepare(&SendReceipt { order_id: 2 }, EnqueueOptions::new())?;
+    let rolled_back = backend.enqueue_in(&mut *tx, job).await?;
+    tx.rollback().await?;
+    println!(
+        "[app] order 2 and its receipt job {rolled_back}: rolled back, so the job exists: {}",
+        manager.get(rolled_back).await?.is_some()
+    );
+
+    // 3. Inspection before the drain.
+    print_counts("before the drain", &manager.counts(None).await?);
+
+    // 4. A job server drains what is due and returns; the job for later stays where it is.
+    let ran: Ran = Arc::default();
+    let server = JobServer::builder(backend.clone())
+        .register(SendWelcomeEmail(ran.clone()))
+        .register(SendReceiptEmail(ran.clone()))
+        .build()?;
+    server.run_until_idle().await?;
+
+    // 5. Inspection after the drain.
+    print_counts("after the drain", &manager.counts(None).await?);
+    let succeeded = manager
+        .list(&JobFilter {
+            state: Some(JobState::Succeeded),
+            ..JobFilter::default()
+        })
+        .await?;
+    for job in &succeeded {
+        println!(
+            "[app] succeeded: {} {} after {} attempt(s)",
+            job.name, job.id, job.attempt
+        );
+    }
+
+    let mut ran = ran.lock().expect("lock").clone();
+    ran.sort();
+    if ran != ["receipt 1", "welcome ada@example.com"] {
+        return Err(
+            format!("expected the committed jobs to run, and only them; ran {ran:?}").into(),
+        );
+    }
+    println!("[app] the committed receipt ran; the rolled-back one never existed");
+    Ok(())
+}
