@@ -21,3 +21,9 @@ pub mod sql {
 
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub use backline_sql::{SqlBackend, SqlConfig};
+
+/// The Redis provider (feature `redis`): [`RedisBackend`](backline_redis::RedisBackend).
+#[cfg(feature = "redis")]
+pub mod redis {
+    pub use backline_redis::*;
+}

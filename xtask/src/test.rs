@@ -18,6 +18,7 @@ use crate::{cargo, display, Result};
 const PROVIDERS: &[(&str, &[Server])] = &[
     ("backline-memory", &[]),
     ("backline-sql", &[Server::Postgres, Server::Mysql]),
+    ("backline-redis", &[Server::Redis]),
 ];
 
 /// The servers that `test` makes sure of, each once, in [`Server::ALL`] order.
