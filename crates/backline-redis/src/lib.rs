@@ -25,6 +25,8 @@ const NAME: &str = "redis";
 const PUSH_CHUNK: usize = 1000;
 /// Due delayed jobs one claim promotes before it claims.
 const PROMOTE_PER_CLAIM: usize = 1000;
+/// The most entries one maintenance script promotes, reaps or prunes (the caller loops).
+const SCRIPT_BATCH: u64 = 1000;
 /// The most entries one purge or listing step touches.
 const STEP: usize = 1000;
 /// Idle blocking connections kept for `wait`.
@@ -648,39 +650,50 @@ impl Backend for RedisBackend {
         let batch = m.batch as u64;
         let start = self.inner.rotation.fetch_add(1, Ordering::Relaxed) % queues.len();
         for i in 0..queues.len() {
-            let promote = batch.saturating_sub(report.promoted);
-            let reap = batch.saturating_sub(report.recovered + report.expired_dead);
-            let prune = batch.saturating_sub(report.pruned);
-            if promote == 0 && reap == 0 && prune == 0 {
-                break;
-            }
             let k = self.keys(&queues[(start + i) % queues.len()]);
-            let r: Vec<i64> = self
-                .inner
-                .scripts
-                .maintain
-                .key(k.set(JobState::Ready))
-                .key(k.set(JobState::Scheduled))
-                .key(k.set(JobState::Retrying))
-                .key(k.set(JobState::Running))
-                .key(k.set(JobState::Succeeded))
-                .key(k.set(JobState::Dead))
-                .key(k.key("sig"))
-                .key(k.key("seq"))
-                .arg(k.job_prefix())
-                .arg(promote)
-                .arg(reap)
-                .arg(prune)
-                .arg(ms(m.succeeded_ttl))
-                .arg(ms(m.dead_ttl))
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(map_err("maintain"))?;
-            let n = |i: usize| r.get(i).copied().unwrap_or(0).max(0) as u64;
-            report.promoted += n(0);
-            report.recovered += n(1);
-            report.expired_dead += n(2);
-            report.pruned += n(3);
+            // Each script does at most SCRIPT_BATCH of each part; loop while one is saturated.
+            loop {
+                let cap = |left: u64| left.min(SCRIPT_BATCH);
+                let promote = cap(batch.saturating_sub(report.promoted));
+                let reap = cap(batch.saturating_sub(report.recovered + report.expired_dead));
+                let prune = cap(batch.saturating_sub(report.pruned));
+                if promote == 0 && reap == 0 && prune == 0 {
+                    return Ok(report);
+                }
+                let r: Vec<i64> = self
+                    .inner
+                    .scripts
+                    .maintain
+                    .key(k.set(JobState::Ready))
+                    .key(k.set(JobState::Scheduled))
+                    .key(k.set(JobState::Retrying))
+                    .key(k.set(JobState::Running))
+                    .key(k.set(JobState::Succeeded))
+                    .key(k.set(JobState::Dead))
+                    .key(k.key("sig"))
+                    .key(k.key("seq"))
+                    .arg(k.job_prefix())
+                    .arg(promote)
+                    .arg(reap)
+                    .arg(prune)
+                    .arg(ms(m.succeeded_ttl))
+                    .arg(ms(m.dead_ttl))
+                    .invoke_async(&mut self.conn())
+                    .await
+                    .map_err(map_err("maintain"))?;
+                let n = |i: usize| r.get(i).copied().unwrap_or(0).max(0) as u64;
+                let (p, rec, dead, pruned) = (n(0), n(1), n(2), n(3));
+                report.promoted += p;
+                report.recovered += rec;
+                report.expired_dead += dead;
+                report.pruned += pruned;
+                let saturated = (promote > 0 && p >= promote)
+                    || (reap > 0 && rec + dead >= reap)
+                    || (prune > 0 && pruned >= prune);
+                if !saturated {
+                    break;
+                }
+            }
         }
         Ok(report)
     }

@@ -229,3 +229,44 @@ async fn a_connection_error_names_the_operation_and_hides_the_password() {
         other => panic!("expected a connection error, got {other:?}"),
     }
 }
+
+/// Maintenance promotes due delayed jobs in scripts of at most 1,000 and loops up to the
+/// batch it was given; a smaller batch is honoured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_promotes_in_bounded_batches() {
+    let Some(h) = harness().await else { return };
+    let b = backline_testkit::Harness::backend(&h).await;
+    let manager = JobManager::new(b.clone());
+    manager
+        .enqueue_batch_with(
+            (0..2500).map(|i| Task::ok(format!("d{i}"))),
+            backline_core::EnqueueOptions::new().delay(Duration::from_millis(1)),
+        )
+        .await
+        .expect("enqueue");
+    let m = |batch| backline_core::Maintenance {
+        batch,
+        succeeded_ttl: Duration::from_secs(3600),
+        dead_ttl: Duration::from_secs(3600),
+    };
+    // Wait until the first one is due (the server's clock decides), promoting at most 10.
+    let first = backline_testkit::eventually("the delayed jobs to be due", || async {
+        let r = b.maintain(&m(10)).await.expect("maintain");
+        (r.promoted > 0).then_some(r.promoted)
+    })
+    .await;
+    assert!(first <= 10, "promoted {first} with a batch of 10");
+    let mut promoted = first;
+    while promoted < 2500 {
+        let r = b.maintain(&m(5000)).await.expect("maintain");
+        assert!(r.promoted <= 5000);
+        if r.promoted == 0 {
+            // Not all due yet by the server's clock: let the remaining milliseconds pass.
+            tokio::task::yield_now().await;
+        }
+        promoted += r.promoted;
+    }
+    assert_eq!(promoted, 2500);
+    let c = manager.counts(None).await.expect("counts");
+    assert_eq!((c.ready, c.scheduled), (2500, 0));
+}
