@@ -57,14 +57,6 @@ fn map_err(op: &'static str) -> impl Fn(RedisError) -> Error {
     }
 }
 
-fn malformed(op: &'static str, what: impl Into<String>) -> Error {
-    Error::Backend {
-        backend: NAME,
-        op,
-        source: what.into().into(),
-    }
-}
-
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
 }
@@ -503,14 +495,20 @@ impl Backend for RedisBackend {
         let mut out = Vec::new();
         for row in array(rows) {
             let row = array(row);
-            let job = parse_job(&row).ok_or_else(|| malformed("claim", "a malformed job hash"))?;
             let token = row
                 .get(14)
                 .and_then(text)
                 .and_then(|t| t.parse().ok())
-                .map(LeaseToken)
-                .ok_or_else(|| malformed("claim", "a claim without a token"))?;
-            out.push(ClaimedJob { job, token });
+                .map(LeaseToken);
+            match (parse_job(&row), token) {
+                (Some(job), Some(token)) => out.push(ClaimedJob { job, token }),
+                // Not written by this crate: leave it to its lease (the others still run).
+                _ => tracing::error!(
+                    queue = %req.queue,
+                    id = %row.first().and_then(text).unwrap_or_default(),
+                    "skipping a malformed job hash in a claim"
+                ),
+            }
         }
         let mut claimed = guard(&self.inner.claimed);
         for c in &out {
