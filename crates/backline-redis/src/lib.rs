@@ -100,7 +100,8 @@ impl QueueKeys {
     /// The set that holds jobs in `state`.
     fn set(&self, state: JobState) -> String {
         self.key(match state {
-            JobState::Ready => "ready",
+            // The prefix of the per-name ready sets.
+            JobState::Ready => "ready:",
             JobState::Scheduled => "sched",
             JobState::Retrying => "retry",
             JobState::Running => "run",
@@ -380,6 +381,7 @@ impl RedisBackend {
             .key(k.set(JobState::Dead))
             .key(k.key("sig"))
             .key(k.key("seq"))
+            .key(k.key("names"))
             .arg(k.job(id))
             .arg(id.to_string())
             .arg(match op {
@@ -391,6 +393,26 @@ impl RedisBackend {
             .await
             .map_err(map_err(op))?;
         Ok(n == 1)
+    }
+
+    /// The sets holding jobs in `state` in `queue`: one per job name for `Ready`.
+    async fn state_sets(
+        &self,
+        queue: &str,
+        state: JobState,
+        op: &'static str,
+    ) -> Result<Vec<String>> {
+        let k = self.keys(queue);
+        if state != JobState::Ready {
+            return Ok(vec![k.set(state)]);
+        }
+        let names: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(k.key("names"))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(map_err(op))?;
+        let prefix = k.set(JobState::Ready);
+        Ok(names.into_iter().map(|n| format!("{prefix}{n}")).collect())
     }
 
     /// Groups finish or heartbeat items by queue, keeping their positions.
@@ -419,7 +441,6 @@ impl Backend for RedisBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            filter_by_name: false,
             transactional_enqueue: false,
             ..Capabilities::ALL
         }
@@ -443,6 +464,7 @@ impl Backend for RedisBackend {
                     .key(k.set(JobState::Scheduled))
                     .key(k.key("sig"))
                     .key(k.key("seq"))
+                    .key(k.key("names"))
                     .arg(k.job_prefix());
                 for j in chunk {
                     let (mode, value) = match j.run_at {
@@ -481,10 +503,18 @@ impl Backend for RedisBackend {
             .key(k.set(JobState::Scheduled))
             .key(k.set(JobState::Retrying))
             .key(k.set(JobState::Running))
+            .key(k.key("names"))
             .arg(k.job_prefix())
             .arg(req.limit)
             .arg(ms(req.lease))
             .arg(PROMOTE_PER_CLAIM);
+        let mut names: Vec<&String> = req.names.iter().collect();
+        names.sort();
+        names.dedup();
+        inv.arg(names.len());
+        for n in names {
+            inv.arg(n);
+        }
         for t in &tokens {
             inv.arg(t.0.to_string());
         }
@@ -530,6 +560,7 @@ impl Backend for RedisBackend {
                 .key(k.set(JobState::Dead))
                 .key(k.key("sig"))
                 .key(k.key("seq"))
+                .key(k.key("names"))
                 .arg(k.job_prefix());
             for &i in &idx {
                 let f = &batch[i];
@@ -670,6 +701,7 @@ impl Backend for RedisBackend {
                     .key(k.set(JobState::Dead))
                     .key(k.key("sig"))
                     .key(k.key("seq"))
+                    .key(k.key("names"))
                     .arg(k.job_prefix())
                     .arg(promote)
                     .arg(reap)
@@ -719,10 +751,16 @@ impl Backend for RedisBackend {
         // Every candidate id: listing reads the whole of each listed set.
         let mut ids: Vec<(String, String)> = Vec::new();
         for q in &queues {
-            let k = self.keys(q);
             let mut pipe = redis::pipe();
+            let mut any = false;
             for s in &states {
-                pipe.cmd("ZRANGE").arg(k.set(*s)).arg(0).arg(-1);
+                for key in self.state_sets(q, *s, "list").await? {
+                    pipe.cmd("ZRANGE").arg(key).arg(0).arg(-1);
+                    any = true;
+                }
+            }
+            if !any {
+                continue;
             }
             let sets: Vec<Vec<String>> = pipe
                 .query_async(&mut self.conn())
@@ -772,15 +810,29 @@ impl Backend for RedisBackend {
         let mut c = Counts::default();
         for q in queues {
             let k = self.keys(&q);
-            let mut pipe = redis::pipe();
-            for s in JobState::ALL {
-                pipe.cmd("ZCARD").arg(k.set(s));
-            }
-            let n: Vec<u64> = pipe
-                .query_async(&mut self.conn())
+            let n: Vec<u64> = self
+                .inner
+                .scripts
+                .count
+                .key(k.key("names"))
+                .key(k.set(JobState::Scheduled))
+                .key(k.set(JobState::Retrying))
+                .key(k.set(JobState::Running))
+                .key(k.set(JobState::Succeeded))
+                .key(k.set(JobState::Dead))
+                .arg(k.set(JobState::Ready))
+                .invoke_async(&mut self.conn())
                 .await
                 .map_err(map_err("counts"))?;
-            for (s, n) in JobState::ALL.into_iter().zip(n) {
+            let order = [
+                JobState::Scheduled,
+                JobState::Ready,
+                JobState::Running,
+                JobState::Retrying,
+                JobState::Succeeded,
+                JobState::Dead,
+            ];
+            for (s, n) in order.into_iter().zip(n) {
                 *c.get_mut(s) += n;
             }
         }
@@ -810,20 +862,22 @@ impl Backend for RedisBackend {
         let mut total = 0;
         for q in queues {
             let k = self.keys(&q);
-            loop {
-                let n: u64 = self
-                    .inner
-                    .scripts
-                    .purge
-                    .key(k.set(state))
-                    .arg(k.job_prefix())
-                    .arg(STEP)
-                    .invoke_async(&mut self.conn())
-                    .await
-                    .map_err(map_err("purge"))?;
-                total += n;
-                if n < STEP as u64 {
-                    break;
+            for set in self.state_sets(&q, state, "purge").await? {
+                loop {
+                    let n: u64 = self
+                        .inner
+                        .scripts
+                        .purge
+                        .key(&set)
+                        .arg(k.job_prefix())
+                        .arg(STEP)
+                        .invoke_async(&mut self.conn())
+                        .await
+                        .map_err(map_err("purge"))?;
+                    total += n;
+                    if n < STEP as u64 {
+                        break;
+                    }
                 }
             }
         }

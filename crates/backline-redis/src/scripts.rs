@@ -29,24 +29,29 @@ local function signal(sig, seq)
   redis.call('LPUSH', sig, '1')
   redis.call('LTRIM', sig, 0, 0)
 end
+-- Ready jobs live in one sorted set per job name (`rp .. name`); `nk` is the set of names.
+local function add_ready(rp, nk, name, sc, id)
+  redis.call('ZADD', rp .. name, s(sc), id)
+  redis.call('SADD', nk, name)
+end
 -- Moves due members of a scheduled/retrying set to ready: at most `max`.
-local function promote(zk, ready, jp, now, max)
+local function promote(zk, rp, nk, jp, now, max)
   if tonumber(max) <= 0 then return 0 end
   local ids = redis.call('ZRANGEBYSCORE', zk, '-inf', s(now), 'LIMIT', 0, max)
   for _, id in ipairs(ids) do
     local key = jp .. id
-    local v = redis.call('HMGET', key, 'pri', 'run')
+    local v = redis.call('HMGET', key, 'pri', 'run', 'name')
     redis.call('ZREM', zk, id)
     if v[1] then
       redis.call('HSET', key, 'state', 'ready')
-      redis.call('ZADD', ready, s(score(v[1], v[2])), id)
+      add_ready(rp, nk, v[3], score(v[1], v[2]), id)
     end
   end
   return #ids
 end
 "#;
 
-/// KEYS: ready, sched, sig, seq. ARGV: job prefix, then per job: id, name, queue, payload,
+/// KEYS: ready prefix, sched, sig, seq, names. ARGV: job prefix, then per job: id, name, queue, payload,
 /// priority, run mode (`n`, `a` after ms, `t` at ms), value, max attempts, timeout ms or ``.
 const PUSH: &str = r#"
 local now = now_ms()
@@ -68,7 +73,7 @@ while i + 8 <= #ARGV do
       'pri', ARGV[i + 4], 'state', state, 'att', '0', 'max', ARGV[i + 7], 'tmo', ARGV[i + 8],
       'enq', s(now), 'run', s(run))
     if due then
-      redis.call('ZADD', KEYS[1], s(score(ARGV[i + 4], run)), id)
+      add_ready(KEYS[1], KEYS[5], ARGV[i + 1], score(ARGV[i + 4], run), id)
     else
       redis.call('ZADD', KEYS[2], s(run), id)
     end
@@ -80,21 +85,48 @@ if added > 0 then signal(KEYS[3], KEYS[4]) end
 return added
 "#;
 
-/// KEYS: ready, sched, retry, run. ARGV: job prefix, limit, lease ms, promote max, tokens….
+/// KEYS: ready prefix, sched, retry, run, names. ARGV: job prefix, limit, lease ms, promote
+/// max, number of names, the names, then `limit` tokens. Claims only jobs with those names: a
+/// merge of the heads of each name's ready set (bounded by names + limit).
 const CLAIM: &str = r#"
 local now = now_ms()
-local jp = ARGV[1]
+local jp, rp, nk = ARGV[1], KEYS[1], KEYS[5]
 local limit = tonumber(ARGV[2])
 local lease = s(now + tonumber(ARGV[3]))
-local p = promote(KEYS[2], KEYS[1], jp, now, ARGV[4])
-promote(KEYS[3], KEYS[1], jp, now, tonumber(ARGV[4]) - p)
-local ids = redis.call('ZRANGE', KEYS[1], 0, limit - 1)
+local p = promote(KEYS[2], rp, nk, jp, now, ARGV[4])
+promote(KEYS[3], rp, nk, jp, now, tonumber(ARGV[4]) - p)
+local nn = tonumber(ARGV[5])
+local names = {}
+for i = 1, nn do names[i] = ARGV[5 + i] end
+local tb = 5 + nn
+local function head(name)
+  local h = redis.call('ZRANGE', rp .. name, 0, 0, 'WITHSCORES')
+  if h[1] then return {tonumber(h[2]), h[1]} end
+  return false
+end
+local heads = {}
+for i = 1, nn do heads[i] = head(names[i]) end
 local out = {}
-for n, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
+local taken = 0
+while taken < limit do
+  local best = 0
+  for i = 1, nn do
+    local h = heads[i]
+    if h then
+      if best == 0 then best = i else
+        local b = heads[best]
+        if h[1] < b[1] or (h[1] == b[1] and h[2] < b[2]) then best = i end
+      end
+    end
+  end
+  if best == 0 then break end
+  local id = heads[best][2]
+  redis.call('ZREM', rp .. names[best], id)
+  heads[best] = head(names[best])
   local key = jp .. id
   if redis.call('EXISTS', key) == 1 then
-    local tok = ARGV[4 + n]
+    taken = taken + 1
+    local tok = ARGV[tb + taken]
     redis.call('HINCRBY', key, 'att', 1)
     redis.call('HSET', key, 'state', 'running', 'tok', tok, 'lease', lease)
     redis.call('ZADD', KEYS[4], lease, id)
@@ -106,7 +138,7 @@ end
 return out
 "#;
 
-/// KEYS: ready, retry, run, done, dead, sig, seq. ARGV: job prefix, then per item: id, token,
+/// KEYS: ready prefix, retry, run, done, dead, sig, seq, names. ARGV: job prefix, then per item: id, token,
 /// kind (`s` succeeded, `x` succeeded and deleted, `r` retry, `d` dead, `l` release), delay ms,
 /// error.
 const FINISH: &str = r#"
@@ -118,7 +150,7 @@ local i = 2
 while i + 4 <= #ARGV do
   local id = ARGV[i]
   local key = jp .. id
-  local v = redis.call('HMGET', key, 'state', 'tok', 'pri', 'run', 'att')
+  local v = redis.call('HMGET', key, 'state', 'tok', 'pri', 'run', 'att', 'name')
   if v[1] == 'running' and v[2] == ARGV[i + 1] then
     redis.call('ZREM', KEYS[3], id)
     local kind = ARGV[i + 2]
@@ -138,7 +170,7 @@ while i + 4 <= #ARGV do
         redis.call('HSET', key, 'err', ARGV[i + 4], 'run', s(run))
         if d <= 0 then
           redis.call('HSET', key, 'state', 'ready')
-          redis.call('ZADD', KEYS[1], s(score(v[3], run)), id)
+          add_ready(KEYS[1], KEYS[8], v[6], score(v[3], run), id)
         else
           redis.call('HSET', key, 'state', 'retrying')
           redis.call('ZADD', KEYS[2], s(run), id)
@@ -148,7 +180,7 @@ while i + 4 <= #ARGV do
         local att = tonumber(v[5]) - 1
         if att < 0 then att = 0 end
         redis.call('HSET', key, 'state', 'ready', 'att', s(att))
-        redis.call('ZADD', KEYS[1], s(score(v[3], v[4])), id)
+        add_ready(KEYS[1], KEYS[8], v[6], score(v[3], v[4]), id)
         wake = true
       end
     end
@@ -181,20 +213,20 @@ end
 return out
 "#;
 
-/// KEYS: ready, sched, retry, run, done, dead, sig, seq. ARGV: job prefix, promote budget,
+/// KEYS: ready prefix, sched, retry, run, done, dead, sig, seq, names. ARGV: job prefix, promote budget,
 /// reap budget, prune budget, succeeded ttl ms, dead ttl ms.
 const MAINTAIN: &str = r#"
 local now = now_ms()
 local jp = ARGV[1]
-local promoted = promote(KEYS[2], KEYS[1], jp, now, ARGV[2])
-promoted = promoted + promote(KEYS[3], KEYS[1], jp, now, tonumber(ARGV[2]) - promoted)
+local promoted = promote(KEYS[2], KEYS[1], KEYS[9], jp, now, ARGV[2])
+promoted = promoted + promote(KEYS[3], KEYS[1], KEYS[9], jp, now, tonumber(ARGV[2]) - promoted)
 local recovered, dead = 0, 0
 if tonumber(ARGV[3]) > 0 then
   local ids = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', s(now), 'LIMIT', 0, ARGV[3])
   for _, id in ipairs(ids) do
     redis.call('ZREM', KEYS[4], id)
     local key = jp .. id
-    local v = redis.call('HMGET', key, 'state', 'att', 'max', 'pri', 'run')
+    local v = redis.call('HMGET', key, 'state', 'att', 'max', 'pri', 'run', 'name')
     if v[1] == 'running' then
       redis.call('HDEL', key, 'tok', 'lease')
       if tonumber(v[2]) >= tonumber(v[3]) then
@@ -205,7 +237,7 @@ if tonumber(ARGV[3]) > 0 then
       else
         redis.call('HSET', key, 'state', 'ready', 'err',
           'lease expired: the worker was lost during attempt ' .. v[2])
-        redis.call('ZADD', KEYS[1], s(score(v[4], v[5])), id)
+        add_ready(KEYS[1], KEYS[9], v[6], score(v[4], v[5]), id)
         recovered = recovered + 1
       end
     end
@@ -246,21 +278,21 @@ end
 return {seq, best}
 "#;
 
-/// KEYS: ready, sched, retry, done, dead, sig, seq. ARGV: job key, id, operation (`cancel`,
+/// KEYS: ready prefix, sched, retry, done, dead, sig, seq, names. ARGV: job key, id, operation (`cancel`,
 /// `delete`, `retry`).
 const OPERATE: &str = r#"
 local key, id, op = ARGV[1], ARGV[2], ARGV[3]
-local v = redis.call('HMGET', key, 'state', 'pri')
+local v = redis.call('HMGET', key, 'state', 'pri', 'name')
 local st = v[1]
 if not st then return 0 end
-local sets = {ready = KEYS[1], scheduled = KEYS[2], retrying = KEYS[3], succeeded = KEYS[4], dead = KEYS[5]}
+local sets = {ready = KEYS[1] .. v[3], scheduled = KEYS[2], retrying = KEYS[3], succeeded = KEYS[4], dead = KEYS[5]}
 if op == 'retry' then
   if st ~= 'dead' then return 0 end
   local now = now_ms()
   redis.call('ZREM', KEYS[5], id)
   redis.call('HDEL', key, 'fin')
   redis.call('HSET', key, 'state', 'ready', 'att', '0', 'run', s(now))
-  redis.call('ZADD', KEYS[1], s(score(v[2], now)), id)
+  add_ready(KEYS[1], KEYS[8], v[3], score(v[2], now), id)
   signal(KEYS[6], KEYS[7])
   return 1
 end
@@ -269,6 +301,17 @@ if not sets[st] then return 0 end
 redis.call('ZREM', sets[st], id)
 redis.call('DEL', key)
 return 1
+"#;
+
+/// KEYS: names, sched, retry, run, done, dead. ARGV: ready prefix. Returns the counts of
+/// scheduled, ready, running, retrying, succeeded and dead jobs.
+const COUNT: &str = r#"
+local ready = 0
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  ready = ready + redis.call('ZCARD', ARGV[1] .. name)
+end
+return {redis.call('ZCARD', KEYS[2]), ready, redis.call('ZCARD', KEYS[4]),
+  redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[5]), redis.call('ZCARD', KEYS[6])}
 "#;
 
 /// KEYS: one state's set. ARGV: job prefix, most to remove. Returns how many it removed.
@@ -318,6 +361,7 @@ pub(crate) struct Scripts {
     pub(crate) peek: Script,
     pub(crate) operate: Script,
     pub(crate) purge: Script,
+    pub(crate) count: Script,
     pub(crate) lock_acquire: Script,
     pub(crate) lock_renew: Script,
     pub(crate) lock_release: Script,
@@ -335,6 +379,7 @@ impl Scripts {
             peek: job(PEEK),
             operate: job(OPERATE),
             purge: Script::new(PURGE),
+            count: Script::new(COUNT),
             lock_acquire: Script::new(LOCK_ACQUIRE),
             lock_renew: Script::new(LOCK_RENEW),
             lock_release: Script::new(LOCK_RELEASE),

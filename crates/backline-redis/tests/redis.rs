@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backline_core::{Backend, ClaimRequest, Error, JobManager, JobState};
+use backline_core::{Backend, ClaimRequest, Error, JobArgs, JobManager, JobState};
 use backline_redis::{RedisBackend, RedisConfig};
 use backline_testkit::Task;
 use tokio::sync::OnceCell;
@@ -269,4 +269,51 @@ async fn maintenance_promotes_in_bounded_batches() {
     assert_eq!(promoted, 2500);
     let c = manager.counts(None).await.expect("counts");
     assert_eq!((c.ready, c.scheduled), (2500, 0));
+}
+
+/// A claim takes only the names asked for, in priority order across those names; jobs of
+/// other names stay ready, untouched (no attempt spent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_takes_only_the_names_asked_for_in_order_across_names() {
+    let Some(h) = harness().await else { return };
+    let b = backline_testkit::Harness::backend(&h).await;
+    let manager = JobManager::new(b.clone());
+    let opts = |p| backline_core::EnqueueOptions::new().priority(p);
+    let unknown = manager
+        .enqueue_with(
+            backline_testkit::UnknownTask(Task::ok("unknown")),
+            opts(backline_core::Priority::High),
+        )
+        .await
+        .expect("enqueue");
+    let low = manager
+        .enqueue_with(Task::ok("low"), opts(backline_core::Priority::Low))
+        .await
+        .expect("enqueue");
+    let high = manager
+        .enqueue_with(
+            backline_testkit::AgingTask(Task::ok("high")),
+            opts(backline_core::Priority::AboveNormal),
+        )
+        .await
+        .expect("enqueue");
+    let names = vec![
+        "testkit.task".to_owned(),
+        backline_testkit::AgingTask::NAME.to_owned(),
+    ];
+    let claimed = b
+        .claim(ClaimRequest {
+            queue: "default",
+            names: &names,
+            limit: 10,
+            lease: Duration::from_secs(60),
+        })
+        .await
+        .expect("claim");
+    let ids: Vec<_> = claimed.iter().map(|c| c.job.id).collect();
+    assert_eq!(ids, [high, low]);
+    let j = manager.get(unknown).await.expect("get").expect("kept");
+    assert_eq!((j.state, j.attempt), (JobState::Ready, 0));
+    let c = manager.counts(None).await.expect("counts");
+    assert_eq!((c.ready, c.running), (1, 2));
 }
