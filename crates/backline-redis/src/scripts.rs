@@ -104,25 +104,44 @@ local function head(name)
   if h[1] then return {tonumber(h[2]), h[1]} end
   return false
 end
-local heads = {}
-for i = 1, nn do heads[i] = head(names[i]) end
+-- The next job in claim order among the names, removed from its ready set (false at the end).
+local next_id
+if nn == 1 then
+  -- One name (the common case): read the batch in one step.
+  local batch = redis.call('ZRANGE', rp .. names[1], 0, limit - 1)
+  local pos = 0
+  next_id = function()
+    pos = pos + 1
+    local id = batch[pos]
+    if id then redis.call('ZREM', rp .. names[1], id) end
+    return id or false
+  end
+else
+  local heads = {}
+  for i = 1, nn do heads[i] = head(names[i]) end
+  next_id = function()
+    local best = 0
+    for i = 1, nn do
+      local h = heads[i]
+      if h then
+        if best == 0 then best = i else
+          local b = heads[best]
+          if h[1] < b[1] or (h[1] == b[1] and h[2] < b[2]) then best = i end
+        end
+      end
+    end
+    if best == 0 then return false end
+    local id = heads[best][2]
+    redis.call('ZREM', rp .. names[best], id)
+    heads[best] = head(names[best])
+    return id
+  end
+end
 local out = {}
 local taken = 0
 while taken < limit do
-  local best = 0
-  for i = 1, nn do
-    local h = heads[i]
-    if h then
-      if best == 0 then best = i else
-        local b = heads[best]
-        if h[1] < b[1] or (h[1] == b[1] and h[2] < b[2]) then best = i end
-      end
-    end
-  end
-  if best == 0 then break end
-  local id = heads[best][2]
-  redis.call('ZREM', rp .. names[best], id)
-  heads[best] = head(names[best])
+  local id = next_id()
+  if not id then break end
   local key = jp .. id
   if redis.call('EXISTS', key) == 1 then
     taken = taken + 1
