@@ -12,7 +12,7 @@ pub mod memory {
 #[cfg(feature = "memory")]
 pub use backline_memory::MemoryBackend;
 
-/// The SQL provider (features `sqlite`, `postgres`, `mysql`): [`SqlBackend`](backline_sql::SqlBackend)
+/// The SQL provider (features `sqlite`, `postgres`, `mysql`): [`SqlBackend`]
 /// over sqlx, with transactional enqueue.
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub mod sql {
@@ -22,7 +22,7 @@ pub mod sql {
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub use backline_sql::{SqlBackend, SqlConfig};
 
-/// The Redis provider (feature `redis`): [`RedisBackend`](backline_redis::RedisBackend).
+/// The Redis provider (feature `redis`): [`RedisBackend`](crate::redis::RedisBackend).
 #[cfg(feature = "redis")]
 pub mod redis {
     pub use backline_redis::*;
