@@ -220,3 +220,29 @@ impl Signals {
         v
     }
 }
+
+/// Opens one connection and closes it, so that an unreachable server is reported with its real
+/// cause ("connection refused", "unknown database") instead of the pool's "timed out".
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) async fn probe<O>(
+    backend: &'static str,
+    options: &O,
+    timeout: std::time::Duration,
+) -> Result<(), Error>
+where
+    O: sqlx::ConnectOptions,
+    O::Connection: Sized,
+{
+    use sqlx::Connection as _;
+    match tokio::time::timeout(timeout, options.connect()).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(map_err(backend, "connect")(e)),
+        Err(_) => Err(Error::Timeout {
+            op: "connect",
+            after: timeout,
+        }),
+    }
+}

@@ -110,6 +110,7 @@ impl MySqlBackend {
         let options = MySqlConnectOptions::from_str(&url)
             .map_err(|e| Error::Config(format!("bad MySQL URL {}: {e}", config.redacted_url())))?
             .timezone(Some("+00:00".to_owned()));
+        crate::common::probe(NAME, &options, config.connect_timeout).await?;
         let pool = MySqlPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.connect_timeout)

@@ -318,6 +318,7 @@ impl PgBackend {
         })?;
         // Named after the table, so that an operator (or a test) can find these connections.
         let options = options.application_name(&format!("backline:{}", table.qualified()));
+        crate::common::probe(NAME, &options, config.connect_timeout).await?;
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.connect_timeout)
