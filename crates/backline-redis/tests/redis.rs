@@ -317,3 +317,36 @@ async fn a_claim_takes_only_the_names_asked_for_in_order_across_names() {
     let c = manager.counts(None).await.expect("counts");
     assert_eq!((c.ready, c.running), (1, 2));
 }
+
+/// With hourly polls, only the signal list can wake the server: a push from another handle
+/// (another process, as far as Redis knows) wakes it, and so does a delayed job's run-at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_from_another_handle_and_a_due_delayed_job_wake_an_idle_server() {
+    let Some(h) = harness().await else { return };
+    let a = backline_testkit::Harness::backend(&h).await;
+    let b = backline_testkit::Harness::twin(&h, &a).await;
+    let rec = backline_testkit::Recorder::new();
+    let running = backline_core::JobServer::builder(a.clone())
+        .register(backline_testkit::TaskHandler::<Task>::new(rec.clone()))
+        .config(backline_testkit::fast_config())
+        .configure(|c| {
+            c.poll_interval = Duration::from_secs(3600);
+            c.maintenance_interval = Duration::from_secs(3600);
+        })
+        .build()
+        .expect("server")
+        .start();
+    let other = JobManager::new(b);
+    let first = other.enqueue(Task::ok("first")).await.expect("enqueue");
+    rec.wait_for_attempts(1).await;
+    let delayed = other
+        .enqueue_with(
+            Task::ok("delayed"),
+            backline_core::EnqueueOptions::new().delay(Duration::from_millis(300)),
+        )
+        .await
+        .expect("enqueue");
+    let events = rec.wait_for_attempts(2).await;
+    running.shutdown().await.expect("shutdown");
+    assert_eq!((events[0].id, events[1].id), (first, delayed));
+}
