@@ -15,6 +15,15 @@
 //!   manager (for memory: [`Backend::push`], [`Backend::claim`] and [`Backend::finish`] called
 //!   directly in batches).
 //!
+//! The SQL providers (`postgres`, `sqlite`, `mysql`; `backline-sql` on the loopback servers of
+//! `BACKLINE_POSTGRES_URL` and `BACKLINE_MYSQL_URL`, SQLite files under `target/bench/`) run the
+//! same rows, each run on a fresh table dropped after it, with these differences, each shown
+//! in the table (jobs column, "(1 run)"): enqueue one by one of 5,000 jobs, one run (each job is
+//! a commit); the drains at concurrency 1 and 16 on 10,000 jobs, one run; latency at 500
+//! jobs/s; on MySQL the kept drain once; on SQLite a drain
+//! of 5,000 queued beside 100,000 (flat). Their raw rows are plain SQL through sqlx on the same
+//! server (see the `sql` module), and the table prints Backline/raw ratios.
+//!
 //! It prints a table and writes `target/bench/<provider>.json` (or under `CARGO_TARGET_DIR`).
 //! `--quick` runs the same rows on 10,000 jobs, one run each, for a smoke test.
 //!
@@ -31,6 +40,7 @@
 mod measure;
 mod memory;
 mod report;
+mod sql;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,34 +65,115 @@ const WORKER_THREADS: usize = 2;
 enum Provider {
     /// The in-process provider (`backline-memory`).
     Memory,
+    /// `backline-sql` on PostgreSQL (`BACKLINE_POSTGRES_URL`).
+    Postgres,
+    /// `backline-sql` on a SQLite file under `target/bench/`.
+    Sqlite,
+    /// `backline-sql` on MySQL/MariaDB (`BACKLINE_MYSQL_URL`).
+    Mysql,
 }
 
 impl Provider {
     /// Every provider, in the order they run.
-    const ALL: &[Provider] = &[Provider::Memory];
+    const ALL: &[Provider] = &[
+        Provider::Memory,
+        Provider::Postgres,
+        Provider::Sqlite,
+        Provider::Mysql,
+    ];
 
     /// The name on the command line and in the JSON file name.
     fn name(self) -> &'static str {
         match self {
             Provider::Memory => "memory",
+            Provider::Postgres => "postgres",
+            Provider::Sqlite => "sqlite",
+            Provider::Mysql => "mysql",
         }
     }
 
+    /// The provider of a command-line name.
     fn parse(s: &str) -> Option<Provider> {
         Provider::ALL.iter().copied().find(|p| p.name() == s)
     }
 
-    /// A fresh, empty backend for one run.
-    async fn backend(self) -> Result<Arc<dyn Backend>> {
+    /// The SQL database behind this provider, if any.
+    fn sql(self) -> Option<sql::Db> {
         match self {
-            Provider::Memory => Ok(Arc::new(backline_memory::MemoryBackend::new())),
+            Provider::Memory => None,
+            Provider::Postgres => Some(sql::Db::Postgres),
+            Provider::Sqlite => Some(sql::Db::Sqlite),
+            Provider::Mysql => Some(sql::Db::Mysql),
+        }
+    }
+
+    /// The plan for this provider: the SQL providers enqueue one by one fewer jobs, run the
+    /// slowest rows once, and measure latency at 500 jobs/s.
+    fn plan(self, base: &Plan) -> Plan {
+        let mut plan = base.clone();
+        if self.sql().is_some() {
+            // One commit per job: ~1k jobs/s, so 100k would take minutes per run.
+            plan.single_jobs = if plan.quick { 1_000 } else { 5_000 };
+            plan.slow_runs = 1;
+            plan.rate = 500;
+            // Concurrency 1 is one claim and one finish per job: 10k jobs, one run.
+            plan.drain_overrides
+                .push((1, if plan.quick { 1_000 } else { 10_000 }, 1));
+            // Concurrency 16 claims 16 at a time: on PostgreSQL with succeeded rows deleted,
+            // each claim walks the dead index entries of the jobs before it, and 100k queued
+            // fell from ~9k to ~200 jobs/s (60k drained in 400 s): 10k jobs, one run.
+            plan.drain_overrides
+                .push((16, if plan.quick { 2_000 } else { 10_000 }, 1));
+        }
+        if self == Provider::Mysql && !plan.quick {
+            plan.kept_runs = 1;
+        }
+        if self == Provider::Sqlite {
+            plan.flat_jobs = Some(5_000.min(plan.jobs));
+        }
+        plan
+    }
+
+    /// A fresh, empty backend for one run (for SQL, a new table that [`Fresh::dispose`] drops).
+    async fn backend(self) -> Result<Fresh> {
+        match self.sql() {
+            None => Ok(Fresh {
+                backend: Arc::new(backline_memory::MemoryBackend::new()),
+                table: None,
+            }),
+            Some(db) => {
+                let table = sql::FreshTable::create(db).await?;
+                Ok(Fresh {
+                    backend: Arc::new(table.backend.clone()),
+                    table: Some(table),
+                })
+            }
         }
     }
 
     /// The provider's own limit, without Backline's server or manager.
     async fn raw_rows(self, plan: &Plan) -> Result<Vec<Row>> {
-        match self {
-            Provider::Memory => memory::raw_rows(plan).await,
+        match self.sql() {
+            None => memory::raw_rows(plan).await,
+            Some(db) => sql::raw_rows(db, plan).await,
+        }
+    }
+}
+
+/// A fresh backend for one run, and what to remove after it.
+struct Fresh {
+    /// The backend under test.
+    backend: Arc<dyn Backend>,
+    /// The SQL table (or file) made for this run.
+    table: Option<sql::FreshTable>,
+}
+
+impl Fresh {
+    /// Drops the run's table (or SQLite file); a failure is a warning, not a failed row.
+    async fn dispose(self) {
+        drop(self.backend);
+        if let Some(t) = self.table {
+            t.dispose().await;
         }
     }
 }
@@ -104,6 +195,16 @@ struct Plan {
     rate: usize,
     /// How long the latency run enqueues.
     latency_for: Duration,
+    /// Jobs enqueued one by one (fewer on SQL, where each is a commit).
+    single_jobs: usize,
+    /// Runs of the slowest rows (enqueue one by one, drain at concurrency 1).
+    slow_runs: usize,
+    /// Drains measured on other sizes than `jobs`: (concurrency, jobs, runs).
+    drain_overrides: Vec<(usize, usize, usize)>,
+    /// Runs of the drain that keeps succeeded jobs.
+    kept_runs: usize,
+    /// A second drain size at the highest concurrency, to show the rate is flat (SQLite).
+    flat_jobs: Option<usize>,
     /// Whether this is a `--quick` smoke run.
     quick: bool,
 }
@@ -118,6 +219,11 @@ impl Plan {
             concurrencies: vec![1, 16, 256],
             rate: 2_000,
             latency_for: Duration::from_secs(5),
+            single_jobs: 100_000,
+            slow_runs: 3,
+            drain_overrides: Vec::new(),
+            kept_runs: 3,
+            flat_jobs: None,
             quick: false,
         }
     }
@@ -127,6 +233,9 @@ impl Plan {
             jobs: 10_000,
             runs: 1,
             latency_for: Duration::from_secs(1),
+            single_jobs: 10_000,
+            slow_runs: 1,
+            kept_runs: 1,
             quick: true,
             ..Plan::full()
         }
@@ -137,7 +246,8 @@ const USAGE: &str = "\
 backline-bench [--quick] [--provider NAME]... [--runs N]
 
   --quick          10,000 jobs per row, one run, 1 s of latency: a smoke run
-  --provider NAME  only this provider (repeatable); providers: memory
+  --provider NAME  only this provider (repeatable); providers: memory, postgres,
+                   sqlite, mysql (default: all)
   --runs N         runs per figure (default 3; the median is reported)
 
 Prints a table and writes target/bench/<provider>.json.";
@@ -182,6 +292,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> std::result::Result<Arg
     let mut plan = if quick { Plan::quick() } else { Plan::full() };
     if let Some(runs) = runs {
         plan.runs = runs;
+        plan.slow_runs = runs;
+        plan.kept_runs = runs;
     }
     if providers.is_empty() {
         providers = Provider::ALL.to_vec();
@@ -191,13 +303,14 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> std::result::Result<Arg
 
 /// Every row for one provider.
 async fn bench(provider: Provider, plan: &Plan) -> Result<Vec<Row>> {
+    let plan = &provider.plan(plan);
     let mut rows = measure::rows(provider, plan).await?;
     rows.extend(provider.raw_rows(plan).await?);
     Ok(rows)
 }
 
 /// Where the JSON goes: `target/bench` of this workspace (or of `CARGO_TARGET_DIR`).
-fn out_dir() -> PathBuf {
+pub(crate) fn out_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -284,7 +397,8 @@ mod tests {
             latency_for: Duration::from_millis(200),
             ..Plan::quick()
         };
-        for &provider in Provider::ALL {
+        // The SQL providers need servers and disks: they are benchmarks, not unit tests.
+        for provider in [Provider::Memory] {
             let rows = bench(provider, &plan).await.expect("the benchmark runs");
             let report = Report::new(provider.name(), &plan, WORKER_THREADS, None, rows);
             assert!(report.rows.iter().any(|r| r.id.starts_with("raw_")));

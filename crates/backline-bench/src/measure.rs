@@ -82,18 +82,30 @@ impl BackgroundJob for StampedHandler {
     }
 }
 
-/// Repeats one measurement `plan.runs` times, each on a fresh backend.
-async fn repeat<F, Fut>(provider: Provider, plan: &Plan, mut once: F) -> Result<Vec<f64>>
+/// Repeats one measurement `times` times, each on a fresh backend (a fresh table on SQL,
+/// dropped after the run).
+async fn repeat<F, Fut>(provider: Provider, times: usize, mut once: F) -> Result<Vec<f64>>
 where
     F: FnMut(Arc<dyn Backend>) -> Fut,
     Fut: std::future::Future<Output = Result<f64>>,
 {
-    let mut runs = Vec::with_capacity(plan.runs);
-    for _ in 0..plan.runs {
-        let backend = provider.backend().await?;
-        runs.push(once(backend).await?);
+    let mut runs = Vec::with_capacity(times);
+    for _ in 0..times {
+        let fresh = provider.backend().await?;
+        let result = once(fresh.backend.clone()).await;
+        fresh.dispose().await;
+        runs.push(result?);
     }
     Ok(runs)
+}
+
+/// `" (1 run)"` when a row runs fewer times than the plan's other rows.
+pub(crate) fn fewer_runs(plan: &Plan, times: usize) -> String {
+    if times < plan.runs {
+        format!(" ({times} run{})", if times == 1 { "" } else { "s" })
+    } else {
+        String::new()
+    }
 }
 
 fn per_second(jobs: usize, took: Duration) -> f64 {
@@ -106,17 +118,24 @@ pub(crate) async fn rows(provider: Provider, plan: &Plan) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
 
     let tasks = plan.enqueue_tasks;
-    let runs = repeat(provider, plan, |b| enqueue_one_by_one(b, n, tasks)).await?;
+    let single = plan.single_jobs;
+    let runs = repeat(provider, plan.slow_runs, |b| {
+        enqueue_one_by_one(b, single, tasks)
+    })
+    .await?;
     rows.push(Row::new(
         format!("enqueue_single_{tasks}_tasks"),
-        format!("enqueue one by one, {tasks} tasks"),
-        n,
+        format!(
+            "enqueue one by one, {tasks} tasks{}",
+            fewer_runs(plan, plan.slow_runs)
+        ),
+        single,
         Unit::JobsPerSecond,
         runs,
     ));
 
     let batch = plan.batch;
-    let runs = repeat(provider, plan, |b| enqueue_batches(b, n, batch)).await?;
+    let runs = repeat(provider, plan.runs, |b| enqueue_batches(b, n, batch)).await?;
     rows.push(Row::new(
         format!("enqueue_batch_{batch}"),
         format!("enqueue in batches of {}", thousands(batch as f64)),
@@ -126,21 +145,48 @@ pub(crate) async fn rows(provider: Provider, plan: &Plan) -> Result<Vec<Row>> {
     ));
 
     for &c in &plan.concurrencies {
-        let runs = repeat(provider, plan, |b| drain(b, n, c, Duration::ZERO)).await?;
+        let (jobs, times) = plan
+            .drain_overrides
+            .iter()
+            .find(|o| o.0 == c)
+            .map_or((n, plan.runs), |o| (o.1, o.2));
+        let shape = Drain::new(c);
+        let runs = repeat(provider, times, |b| drain(b, jobs, shape)).await?;
         rows.push(Row::new(
             format!("drain_c{c}"),
-            format!("drain no-op jobs, concurrency {c}"),
-            n,
+            format!(
+                "drain no-op jobs, concurrency {c}{}",
+                fewer_runs(plan, times)
+            ),
+            jobs,
+            Unit::JobsPerSecond,
+            runs,
+        ));
+    }
+    if let (Some(&c), Some(flat)) = (plan.concurrencies.last(), plan.flat_jobs) {
+        let shape = Drain::new(c);
+        let runs = repeat(provider, plan.runs, |b| drain(b, flat, shape)).await?;
+        rows.push(Row::new(
+            format!("drain_c{c}_{flat}"),
+            format!("drain {} queued, concurrency {c}", thousands(flat as f64)),
+            flat,
             Unit::JobsPerSecond,
             runs,
         ));
     }
     if let Some(&c) = plan.concurrencies.last() {
         let keep = ServerConfig::default().succeeded_ttl;
-        let runs = repeat(provider, plan, |b| drain(b, n, c, keep)).await?;
+        let shape = Drain {
+            keep,
+            ..Drain::new(c)
+        };
+        let runs = repeat(provider, plan.kept_runs, |b| drain(b, n, shape)).await?;
         rows.push(Row::new(
             format!("drain_c{c}_kept"),
-            format!("drain, concurrency {c}, succeeded kept 1 h"),
+            format!(
+                "drain, concurrency {c}, succeeded kept 1 h{}",
+                fewer_runs(plan, plan.kept_runs)
+            ),
             n,
             Unit::JobsPerSecond,
             runs,
@@ -150,8 +196,10 @@ pub(crate) async fn rows(provider: Provider, plan: &Plan) -> Result<Vec<Row>> {
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
     for _ in 0..plan.runs {
-        let backend = provider.backend().await?;
-        let (a, b) = latency(backend, plan.rate, plan.latency_for).await?;
+        let fresh = provider.backend().await?;
+        let result = latency(fresh.backend.clone(), plan.rate, plan.latency_for).await;
+        fresh.dispose().await;
+        let (a, b) = result?;
         p50.push(a);
         p99.push(b);
     }
@@ -225,9 +273,8 @@ async fn enqueue_batches(backend: Arc<dyn Backend>, n: usize, batch: usize) -> R
     Ok(per_second(n, took))
 }
 
-/// Enqueues `n` no-op jobs (not timed), then times a server draining them at concurrency `c`
-/// with `run_until_idle`; jobs/s.
-async fn drain(backend: Arc<dyn Backend>, n: usize, c: usize, keep: Duration) -> Result<f64> {
+/// Enqueues `n` no-op jobs in batches of 1,000 (not timed).
+pub(crate) async fn fill(backend: &Arc<dyn Backend>, n: usize) -> Result<()> {
     let manager = JobManager::new(backend.clone());
     let mut left = n;
     while left > 0 {
@@ -235,17 +282,60 @@ async fn drain(backend: Arc<dyn Backend>, n: usize, c: usize, keep: Duration) ->
         manager.enqueue_batch((0..k).map(|_| Noop)).await?;
         left -= k;
     }
+    Ok(())
+}
+
+/// The shape of a drain: how many servers, each with which concurrency and claim batch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Drain {
+    /// Servers draining the one backend at once (each its own claim loop).
+    pub(crate) servers: usize,
+    /// Each server's concurrency.
+    pub(crate) concurrency: usize,
+    /// Each server's `claim_batch`.
+    pub(crate) claim_batch: usize,
+    /// How long succeeded jobs are kept.
+    pub(crate) keep: Duration,
+}
+
+impl Drain {
+    /// One server at concurrency `c` with `claim_batch = min(c, 1000)`, deleting succeeded jobs.
+    pub(crate) fn new(c: usize) -> Drain {
+        Drain {
+            servers: 1,
+            concurrency: c,
+            claim_batch: c.min(1_000),
+            keep: Duration::ZERO,
+        }
+    }
+}
+
+/// Enqueues `n` no-op jobs (not timed), then times `shape.servers` servers draining them with
+/// `run_until_idle`; jobs/s.
+pub(crate) async fn drain(backend: Arc<dyn Backend>, n: usize, shape: Drain) -> Result<f64> {
+    fill(&backend, n).await?;
     let done = Arc::new(AtomicUsize::new(0));
-    let server = JobServer::builder(backend.clone())
-        .register(NoopHandler(done.clone()))
-        .queue(backline_core::DEFAULT_QUEUE, c)
-        .configure(|cfg| {
-            cfg.claim_batch = c.min(1_000);
-            cfg.succeeded_ttl = keep;
-        })
-        .build()?;
+    let mut servers = Vec::with_capacity(shape.servers);
+    for _ in 0..shape.servers {
+        servers.push(
+            JobServer::builder(backend.clone())
+                .register(NoopHandler(done.clone()))
+                .queue(backline_core::DEFAULT_QUEUE, shape.concurrency)
+                .configure(|cfg| {
+                    cfg.claim_batch = shape.claim_batch;
+                    cfg.succeeded_ttl = shape.keep;
+                })
+                .build()?,
+        );
+    }
     let start = Instant::now();
-    server.run_until_idle().await?;
+    let mut set = JoinSet::new();
+    for server in servers {
+        set.spawn(async move { server.run_until_idle().await });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
     let took = start.elapsed();
     let ran = done.load(Ordering::Relaxed);
     let counts = backend.counts(None).await?;

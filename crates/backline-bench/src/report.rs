@@ -40,7 +40,7 @@ impl Row {
     /// A row, with its median computed.
     pub(crate) fn new(id: String, label: String, jobs: usize, unit: Unit, runs: Vec<f64>) -> Row {
         let median = median(&runs);
-        eprintln!("  {label:<44} {}", show(median, unit));
+        eprintln!("  {label:<48} {}", show(median, unit));
         Row {
             id,
             label,
@@ -156,10 +156,10 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "| {:<44} | {:>7} | {:>17} | runs",
+            "| {:<48} | {:>7} | {:>17} | runs",
             "row", "jobs", "median"
         );
-        let _ = writeln!(s, "|{:-<46}|{:->9}|{:->19}|------", "", "", "");
+        let _ = writeln!(s, "|{:-<50}|{:->9}|{:->19}|------", "", "", "");
         for r in &self.rows {
             let runs: Vec<String> = r
                 .runs
@@ -171,7 +171,7 @@ impl Report {
                 .collect();
             let _ = writeln!(
                 s,
-                "| {:<44} | {:>7} | {:>17} | {}",
+                "| {:<48} | {:>7} | {:>17} | {}",
                 r.label,
                 thousands(r.jobs as f64),
                 show(r.median, r.unit),
@@ -183,14 +183,47 @@ impl Report {
             ("drain_c256", "raw_claim_finish_256"),
             ("drain_c1", "raw_claim_finish_1"),
             ("enqueue_batch_1000", "raw_push_1000"),
+            // PostgreSQL: rows kept against the CTE claim + UPDATE, deleted against claim-delete.
+            ("drain_c256_kept", "raw_cte_update_1x256"),
+            ("drain_c256_kept", "raw_cte_update_4x500"),
+            ("drain_c256", "raw_cte_update_1x256"),
+            ("drain_c256", "raw_cte_update_4x500"),
+            ("drain_c256", "raw_claim_delete_1x256"),
+            // MySQL/MariaDB.
+            ("drain_c256", "raw_select_delete_1x100"),
+            ("drain_c256_kept", "raw_select_update_1x100"),
+            ("drain_c256", "raw_select_delete_4x500"),
+            // SQLite; and its drain of 5,000 queued against 100,000.
+            ("drain_c256_kept", "raw_claim_complete_1x100"),
+            ("drain_c256", "raw_claim_complete_1x100"),
+            ("drain_c256", "raw_claim_delete_1x256"),
+            ("drain_c256", "drain_c256_5000"),
         ] {
             if let (Some(a), Some(b)) = (self.row(server), self.row(raw)) {
                 let _ = writeln!(
                     s,
-                    "{server} reaches {:.0} % of {raw}",
+                    "Backline/raw: {server} = {:.0} % of {raw}",
                     100.0 * a.median / b.median.max(1e-9)
                 );
             }
+        }
+        // The fastest raw loop and the fastest Backline drain (the claim strategies compared).
+        let fastest = |raw: bool| {
+            self.rows
+                .iter()
+                .filter(|r| r.unit == Unit::JobsPerSecond)
+                .filter(|r| r.id.starts_with("raw_") == raw && (raw || r.id.starts_with("drain")))
+                .max_by(|a, b| a.median.total_cmp(&b.median))
+        };
+        if let (Some(d), Some(r)) = (fastest(false), fastest(true)) {
+            let _ = writeln!(
+                s,
+                "fastest Backline drain: {} ({}); fastest raw loop: {} ({})",
+                d.label,
+                show(d.median, d.unit),
+                r.label,
+                show(r.median, r.unit)
+            );
         }
         let _ = write!(s, "({:.1} s in all)", took.as_secs_f64());
         s
