@@ -282,7 +282,7 @@ pub(crate) async fn fill(backend: &Arc<dyn Backend>, n: usize) -> Result<()> {
         manager.enqueue_batch((0..k).map(|_| Noop)).await?;
         left -= k;
     }
-    Ok(())
+    crate::sql::after_fill().await
 }
 
 /// The shape of a drain: how many servers, each with which concurrency and claim batch.
