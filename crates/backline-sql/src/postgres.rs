@@ -1,4 +1,4 @@
-//! PostgreSQL: one-statement claims (`MATERIALIZED` CTE + `FOR UPDATE SKIP LOCKED`) and
+//! PostgreSQL: one-statement claims (`UPDATE … WHERE id = ANY(ARRAY(SELECT … SKIP LOCKED))`) and
 //! wake-ups through `LISTEN/NOTIFY`.
 
 use std::collections::HashSet;
@@ -134,20 +134,28 @@ impl Sql {
                 SELECT w.queue FROM (SELECT DISTINCT queue FROM ins WHERE state = 'ready') w
                 CROSS JOIN LATERAL pg_notify($10, w.queue) n"
             )),
+            // The ids are picked in an `ARRAY(…)` sub-query: an init plan, run once, whose result
+            // the update finds through the primary key. A join against a CTE instead leaves the
+            // planner free to hash-join a sequential scan of the whole table under a generic plan
+            // (its `LIMIT $3` is estimated at a tenth of the table), which made a drain slow down
+            // with the depth of the queue.
             claim: s(format!(
-                "WITH picked AS MATERIALIZED (
+                "UPDATE {t} AS j
+                SET state = 'running', attempt = j.attempt + 1, lease_token = $4,
+                    lease_until = now() + $5::int8 * interval '1 microsecond'
+                WHERE j.id = ANY(ARRAY(
                     SELECT id FROM {t}
                     WHERE state = 'ready' AND queue = $1 AND name = ANY($2::text[])
                     ORDER BY priority DESC, run_at, id
                     LIMIT $3
                     FOR UPDATE SKIP LOCKED
-                )
-                UPDATE {t} AS j
-                SET state = 'running', attempt = j.attempt + 1, lease_token = $4,
-                    lease_until = now() + $5::int8 * interval '1 microsecond'
-                FROM picked WHERE j.id = picked.id
+                ))
                 RETURNING {returning}"
             )),
+            // A lease token is set exactly while a job is running (the claim sets it; finish,
+            // expiry and retry clear it), so matching it is the fencing test. `state = 'running'`
+            // is left out on purpose: with it the planner may serve the join from the partial
+            // lease index, whose dead entries pile up during a drain, instead of the primary key.
             finish: s(format!(
                 "WITH i AS (
                     SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::text[])
@@ -155,7 +163,7 @@ impl Sql {
                 ),
                 del AS (
                     DELETE FROM {t} AS j USING i
-                    WHERE j.id = i.id AND j.lease_token = i.token AND j.state = 'running' AND i.kind = 'drop'
+                    WHERE j.id = i.id AND j.lease_token = i.token AND i.kind = 'drop'
                     RETURNING j.id
                 ),
                 upd AS (
@@ -173,7 +181,7 @@ impl Sql {
                         lease_token = NULL,
                         lease_until = NULL
                     FROM i
-                    WHERE j.id = i.id AND j.lease_token = i.token AND j.state = 'running' AND i.kind <> 'drop'
+                    WHERE j.id = ANY($1::uuid[]) AND j.id = i.id AND j.lease_token = i.token AND i.kind <> 'drop'
                     RETURNING j.id, j.queue, j.state
                 ),
                 woke AS (SELECT DISTINCT queue FROM upd WHERE state = 'ready')
@@ -184,34 +192,33 @@ impl Sql {
             heartbeat: s(format!(
                 "UPDATE {t} AS j SET lease_until = now() + $3::int8 * interval '1 microsecond'
                 FROM unnest($1::uuid[], $2::int8[]) AS i(id, token)
-                WHERE j.id = i.id AND j.lease_token = i.token AND j.state = 'running'
+                WHERE j.id = ANY($1::uuid[]) AND j.id = i.id AND j.lease_token = i.token
                 RETURNING j.id, j.lease_token"
             )),
             promote: s(format!(
-                "WITH due AS MATERIALIZED (
+                "UPDATE {t} AS j SET state = 'ready'
+                WHERE j.id = ANY(ARRAY(
                     SELECT id FROM {t}
                     WHERE state IN ('scheduled', 'retrying') AND run_at <= now()
                     ORDER BY run_at LIMIT $1
                     FOR UPDATE SKIP LOCKED
-                )
-                UPDATE {t} AS j SET state = 'ready' FROM due WHERE j.id = due.id
+                ))
                 RETURNING j.queue"
             )),
             expire: s(format!(
-                "WITH exp AS MATERIALIZED (
-                    SELECT id FROM {t}
-                    WHERE state = 'running' AND lease_until <= now()
-                    ORDER BY lease_until LIMIT $1
-                    FOR UPDATE SKIP LOCKED
-                )
-                UPDATE {t} AS j SET
+                "UPDATE {t} AS j SET
                     state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'ready' END,
                     last_error = 'lease expired: the worker was lost during attempt ' || j.attempt
                         || CASE WHEN j.attempt >= j.max_attempts THEN ' of ' || j.max_attempts ELSE '' END,
                     finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() ELSE NULL END,
                     lease_token = NULL,
                     lease_until = NULL
-                FROM exp WHERE j.id = exp.id
+                WHERE j.id = ANY(ARRAY(
+                    SELECT id FROM {t}
+                    WHERE state = 'running' AND lease_until <= now()
+                    ORDER BY lease_until LIMIT $1
+                    FOR UPDATE SKIP LOCKED
+                ))
                 RETURNING j.queue, j.state"
             )),
             prune_succeeded: s(Self::prune(&t, "succeeded")),
@@ -258,13 +265,13 @@ impl Sql {
 
     fn prune(t: &str, state: &str) -> String {
         format!(
-            "WITH old AS MATERIALIZED (
+            "DELETE FROM {t}
+            WHERE id = ANY(ARRAY(
                 SELECT id FROM {t}
                 WHERE state = '{state}' AND finished_at <= now() - $1::int8 * interval '1 microsecond'
                 ORDER BY finished_at LIMIT $2
                 FOR UPDATE SKIP LOCKED
-            )
-            DELETE FROM {t} AS j USING old WHERE j.id = old.id"
+            ))"
         )
     }
 }
@@ -497,7 +504,15 @@ impl PgBackend {
         Ok(())
     }
 
+    /// The claim's generic plan: the one a prepared statement settles on after a few runs,
+    /// which does not see the batch size (a custom plan would hide a bad generic one).
     pub(crate) async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
+        let err = map_err(NAME, "explain the claim");
+        let mut tx = self.pool.begin().await.map_err(&err)?;
+        sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+            .execute(&mut *tx)
+            .await
+            .map_err(&err)?;
         let sql = format!("EXPLAIN {}", self.sql.claim);
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(queue)
@@ -505,9 +520,10 @@ impl PgBackend {
             .bind(100i64)
             .bind(0i64)
             .bind(1_000_000i64)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await
-            .map_err(map_err(NAME, "explain the claim"))?;
+            .map_err(&err)?;
+        tx.rollback().await.map_err(&err)?;
         let mut plan = String::new();
         for r in rows {
             let line: String = r.try_get(0).map_err(map_err(NAME, "explain the claim"))?;

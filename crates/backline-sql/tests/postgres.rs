@@ -185,6 +185,10 @@ async fn the_claim_reads_the_claim_index_without_sorting() {
         b.claim_index_name()
     );
     assert!(!plan.contains("Sort"), "the claim sorts:\n{plan}");
+    assert!(
+        !plan.contains("Seq Scan"),
+        "the claim scans the whole table:\n{plan}"
+    );
 }
 
 #[tokio::test]
