@@ -262,6 +262,17 @@ pub struct Capabilities {
     pub locks: bool,
     /// An acknowledged job survives a restart of the process.
     pub durable: bool,
+    /// A lease ends when its time runs out: a claim neither finished nor heartbeated in time is
+    /// claimed again (with a fresh token). Without it (a message broker), the lease is the
+    /// delivery itself: it holds until the claiming connection dies, heartbeats are no-ops,
+    /// and a job whose worker died is redelivered when the broker sees its connection close.
+    pub lease_expiry: bool,
+    /// Among due jobs of equal priority, the earlier run-at runs first. Without it (a broker's
+    /// FIFO queue), due jobs of equal priority run in the order they became due.
+    pub run_at_order: bool,
+    /// `list` answers for dead jobs (`state: Some(Dead)`) even without
+    /// [`list_jobs`](Self::list_jobs): a browse of the dead letters.
+    pub list_dead: bool,
 }
 
 impl Capabilities {
@@ -275,6 +286,9 @@ impl Capabilities {
         transactional_enqueue: true,
         locks: true,
         durable: true,
+        lease_expiry: true,
+        run_at_order: true,
+        list_dead: true,
     };
 }
 

@@ -44,6 +44,10 @@ pub trait Harness: Send + Sync + 'static {
 
     /// A second handle on the same storage as `backend` (another pool, another connection, as a
     /// second process would have). The default returns the same handle.
+    ///
+    /// A backend without [`Capabilities::lease_expiry`](backline_core::Capabilities) (a broker,
+    /// whose lease is the delivery) must return another connection here, and dropping it must
+    /// close that connection: the lease scenarios end a claim's lease by dropping its twin.
     async fn twin(&self, backend: &Arc<dyn Backend>) -> Arc<dyn Backend> {
         backend.clone()
     }
