@@ -27,3 +27,10 @@ pub use backline_sql::{SqlBackend, SqlConfig};
 pub mod redis {
     pub use backline_redis::*;
 }
+
+/// The RabbitMQ provider (feature `rabbitmq`):
+/// [`RabbitMqBackend`](crate::rabbitmq::RabbitMqBackend) over lapin.
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq {
+    pub use backline_rabbitmq::*;
+}

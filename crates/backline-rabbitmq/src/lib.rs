@@ -1,0 +1,1248 @@
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod message;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backline_core::{
+    redact_url, Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, Finish, Job,
+    JobFilter, JobId, JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome,
+    Result, RunAt,
+};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Acker, Channel, Confirmation, Connection, ConnectionProperties};
+
+pub use config::{QueueKind, QueueNaming, RabbitMqConfig, DEFAULT_URL, URL_ENV};
+/// The AMQP client this provider is built on, re-exported so that versions match.
+pub use lapin;
+
+use message::Meta;
+
+const BACKEND: &str = "rabbitmq";
+
+/// The smallest step of the wait-queue ladder: 2^4 ms = 16 ms.
+const MIN_STEP: u32 = 4;
+/// The largest step of the wait-queue ladder: 2^27 ms, about 37 hours.
+const MAX_STEP: u32 = 27;
+/// The most dead letters one `retry_dead` or `delete` looks at.
+const DEAD_SCAN_LIMIT: usize = 10_000;
+/// The longest a queue name may be (an AMQP short string).
+const MAX_QUEUE_NAME: usize = 255;
+
+/// The RabbitMQ provider: one durable queue per (queue, job name), publisher confirms, manual
+/// acks, a TTL wait-queue ladder for delays and back-off, and a dead-letter queue per queue.
+///
+/// Cloning is cheap: clones share one connection. Dropping the last clone closes it, which
+/// hands every job it still holds back to the broker (redelivered, counted as a crashed attempt).
+#[derive(Clone)]
+pub struct RabbitMqBackend {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RabbitMqBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitMqBackend")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: RabbitMqConfig,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    generation: AtomicU64,
+    /// Queues declared on the current connection.
+    declared: Mutex<HashSet<String>>,
+    /// Every queue this handle ever declared (for tear-down).
+    ever_declared: Mutex<BTreeSet<String>>,
+    /// The (queue → job names) this handle knows of.
+    known: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    /// Deliveries claimed and not yet finished.
+    held: Mutex<HashMap<JobId, Held>>,
+    /// Wake-up signals per queue.
+    signals: Mutex<HashMap<String, Arc<Signal>>>,
+    /// Queues whose landing queue has a relay consumer, with the connection generation.
+    relays: Mutex<HashMap<String, u64>>,
+    /// Where the next claim starts among the job names.
+    rotation: AtomicU64,
+}
+
+struct Conn {
+    generation: u64,
+    connection: Connection,
+    /// Publishes, in confirm mode.
+    publish: Channel,
+    /// Claims (`basic.get`) and their acks.
+    claim: Channel,
+    /// Declarations and purges.
+    admin: Channel,
+}
+
+impl Conn {
+    fn healthy(&self) -> bool {
+        self.connection.status().connected()
+            && self.publish.status().connected()
+            && self.claim.status().connected()
+            && self.admin.status().connected()
+    }
+}
+
+struct Held {
+    token: LeaseToken,
+    acker: Acker,
+    generation: u64,
+    meta: Meta,
+    payload: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Signal {
+    seq: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl Signal {
+    fn bump(&self) {
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn conn_err(op: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Connection {
+        backend: BACKEND,
+        op,
+        source: Box::new(e),
+    }
+}
+
+fn backend_err(op: &'static str, msg: String) -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        op,
+        source: msg.into(),
+    }
+}
+
+fn unsupported(what: &'static str) -> Error {
+    Error::Unsupported {
+        backend: BACKEND,
+        what,
+    }
+}
+
+/// The step of the ladder a message waits in: the largest TTL not past `remaining`.
+fn step_for(remaining: Duration) -> u32 {
+    let ms = remaining.as_millis().max(1);
+    let log2 = 127 - ms.leading_zeros();
+    log2.clamp(MIN_STEP, MAX_STEP)
+}
+
+impl RabbitMqBackend {
+    /// Connects to the broker (with the configured retries and back-off).
+    ///
+    /// Queues are declared when first used, so connecting creates nothing.
+    pub async fn connect(config: RabbitMqConfig) -> Result<Self> {
+        config.validate()?;
+        let backend = RabbitMqBackend {
+            inner: Arc::new(Inner {
+                config,
+                conn: tokio::sync::Mutex::new(None),
+                generation: AtomicU64::new(0),
+                declared: Mutex::new(HashSet::new()),
+                ever_declared: Mutex::new(BTreeSet::new()),
+                known: Mutex::new(BTreeMap::new()),
+                held: Mutex::new(HashMap::new()),
+                signals: Mutex::new(HashMap::new()),
+                relays: Mutex::new(HashMap::new()),
+                rotation: AtomicU64::new(0),
+            }),
+        };
+        {
+            let mut known = lock(&backend.inner.known);
+            for (q, n) in &backend.inner.config.known_jobs {
+                known.entry(q.clone()).or_default().insert(n.clone());
+            }
+        }
+        backend.inner.conn().await?;
+        Ok(backend)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RabbitMqConfig {
+        &self.inner.config
+    }
+
+    /// The work queue of jobs named `name` in `queue` (`{prefix}.{queue}.{name}`, or
+    /// `AbpBackgroundJobs.{name}` for the default queue under [`QueueNaming::Abp`]).
+    pub fn work_queue_name(&self, queue: &str, name: &str) -> String {
+        self.inner.work_name(queue, name)
+    }
+
+    /// The dead-letter queue of `queue` (`{prefix}.{queue}.dead`).
+    pub fn dead_queue_name(&self, queue: &str) -> String {
+        self.inner.dead_name(queue)
+    }
+
+    /// Every queue this handle declared, for a tear-down (tests, a removed application).
+    pub fn declared_queues(&self) -> Vec<String> {
+        lock(&self.inner.ever_declared).iter().cloned().collect()
+    }
+
+    /// Deletes every queue this handle declared, with the jobs in them; returns how many
+    /// messages went with them.
+    pub async fn delete_declared_queues(&self) -> Result<u64> {
+        let conn = self.inner.conn().await?;
+        let mut n = 0u64;
+        for q in self.declared_queues() {
+            n += u64::from(
+                conn.admin
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                    .map_err(|e| conn_err("queue.delete", e))?,
+            );
+        }
+        lock(&self.inner.declared).clear();
+        Ok(n)
+    }
+
+    /// Closes the connection: jobs this handle still holds go back to their queues (the broker
+    /// marks them redelivered, which counts the attempt). The next call reconnects.
+    pub async fn close(&self) {
+        let old = self.inner.conn.lock().await.take();
+        if let Some(c) = old {
+            let _ = c.connection.close(200, "closed by backline".into()).await;
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let Some(c) = self.conn.get_mut().take() else {
+            return;
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = c.connection.close(200, "closed by backline".into()).await;
+            });
+        }
+    }
+}
+
+impl Inner {
+    fn prefixed(&self, queue: &str, rest: &str) -> String {
+        format!("{}.{queue}.{rest}", self.config.prefix)
+    }
+
+    fn work_name(&self, queue: &str, name: &str) -> String {
+        if self.config.naming == QueueNaming::Abp && queue == "default" {
+            format!("AbpBackgroundJobs.{name}")
+        } else {
+            self.prefixed(queue, name)
+        }
+    }
+
+    fn landing_name(&self, queue: &str) -> String {
+        self.prefixed(queue, "~landing")
+    }
+
+    fn dead_name(&self, queue: &str) -> String {
+        self.prefixed(queue, "~dead")
+    }
+
+    fn step_name(&self, queue: &str, step: u32) -> String {
+        self.prefixed(queue, &format!("~wait.{step:02}"))
+    }
+
+    fn signal(&self, queue: &str) -> Arc<Signal> {
+        lock(&self.signals)
+            .entry(queue.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn remember(&self, queue: &str, name: &str) {
+        let mut known = lock(&self.known);
+        if !known.get(queue).is_some_and(|s| s.contains(name)) {
+            known
+                .entry(queue.to_owned())
+                .or_default()
+                .insert(name.to_owned());
+        }
+    }
+
+    fn known_queues(&self, queue: Option<&str>) -> Vec<(String, Vec<String>)> {
+        let known = lock(&self.known);
+        match queue {
+            Some(q) => vec![(
+                q.to_owned(),
+                known
+                    .get(q)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default(),
+            )],
+            None => known
+                .iter()
+                .map(|(q, s)| (q.clone(), s.iter().cloned().collect()))
+                .collect(),
+        }
+    }
+
+    /// The current connection, reconnecting with back-off when it is gone.
+    async fn conn(&self) -> Result<Arc<Conn>> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.healthy() {
+                return Ok(c.clone());
+            }
+        }
+        let old = guard.take();
+        if let Some(old) = old {
+            tracing::warn!(
+                url = %redact_url(&self.config.url),
+                "RabbitMQ connection lost; reconnecting"
+            );
+            // Jobs held on the old channels are the broker's again once it closes.
+            if old.connection.status().connected() {
+                let _ = old
+                    .connection
+                    .close(200, "reconnecting after a channel error".into())
+                    .await;
+            }
+        }
+        let mut delay = Duration::from_millis(100);
+        let mut tries = 0u32;
+        loop {
+            let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+            let opened = tokio::time::timeout(self.config.connect_timeout, self.open(generation))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(backend_err(
+                        "connect",
+                        format!("no answer within {:?}", self.config.connect_timeout),
+                    ))
+                });
+            match opened {
+                Ok(c) => {
+                    lock(&self.declared).clear();
+                    let c = Arc::new(c);
+                    *guard = Some(c.clone());
+                    tracing::info!(url = %redact_url(&self.config.url), "connected to RabbitMQ");
+                    return Ok(c);
+                }
+                Err(e) => {
+                    tries += 1;
+                    if tries > self.config.reconnect_attempts {
+                        return Err(match e {
+                            e @ Error::Connection { .. } => e,
+                            other => Error::Connection {
+                                backend: BACKEND,
+                                op: "connect",
+                                source: Box::new(other),
+                            },
+                        });
+                    }
+                    tracing::warn!(error = %e, retry_in = ?delay, "RabbitMQ connect failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn open(&self, generation: u64) -> Result<Conn> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(self.config.connection_name.clone().into());
+        let connection = Connection::connect(&self.config.url, props)
+            .await
+            .map_err(|e| conn_err("connect", e))?;
+        let publish = connection
+            .create_channel()
+            .await
+            .map_err(|e| conn_err("channel.open", e))?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| conn_err("confirm.select", e))?;
+        let claim = connection
+            .create_channel()
+            .await
+            .map_err(|e| conn_err("channel.open", e))?;
+        let admin = connection
+            .create_channel()
+            .await
+            .map_err(|e| conn_err("channel.open", e))?;
+        Ok(Conn {
+            generation,
+            connection,
+            publish,
+            claim,
+            admin,
+        })
+    }
+
+    async fn declare(&self, conn: &Conn, name: &str, args: FieldTable) -> Result<u32> {
+        if name.len() > MAX_QUEUE_NAME {
+            return Err(Error::InvalidJob(format!(
+                "the RabbitMQ queue name {name:?} is longer than {MAX_QUEUE_NAME} bytes"
+            )));
+        }
+        let q = conn
+            .admin
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .map_err(|e| conn_err("queue.declare", e))?;
+        lock(&self.declared).insert(name.to_owned());
+        lock(&self.ever_declared).insert(name.to_owned());
+        Ok(q.message_count())
+    }
+
+    fn is_declared(&self, name: &str) -> bool {
+        lock(&self.declared).contains(name)
+    }
+
+    fn work_args(&self) -> FieldTable {
+        let mut t = FieldTable::default();
+        match self.config.kind {
+            QueueKind::Classic => {
+                t.insert("x-max-priority".into(), AMQPValue::LongInt(5));
+            }
+            QueueKind::Quorum { delivery_limit } => {
+                t.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString("quorum".into()),
+                );
+                t.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongLongInt(i64::from(delivery_limit)),
+                );
+            }
+        }
+        t
+    }
+
+    fn step_args(&self, queue: &str, step: u32) -> FieldTable {
+        let mut t = FieldTable::default();
+        t.insert("x-message-ttl".into(), AMQPValue::LongLongInt(1i64 << step));
+        t.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        t.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(self.landing_name(queue).into()),
+        );
+        t
+    }
+
+    /// Declares (once per connection) the work queue of (queue, name); returns its name.
+    async fn ensure_work(&self, conn: &Conn, queue: &str, name: &str) -> Result<String> {
+        let q = self.work_name(queue, name);
+        if !self.is_declared(&q) {
+            config::check_part("queue", queue).map_err(|e| Error::InvalidJob(e.to_string()))?;
+            config::check_part("job name", name).map_err(|e| Error::InvalidJob(e.to_string()))?;
+            self.declare(conn, &q, self.work_args()).await?;
+        }
+        self.remember(queue, name);
+        Ok(q)
+    }
+
+    async fn ensure_plain(&self, conn: &Conn, q: &str) -> Result<()> {
+        if !self.is_declared(q) {
+            self.declare(conn, q, FieldTable::default()).await?;
+        }
+        Ok(())
+    }
+
+    /// Declares the landing queue and one step of `queue`'s ladder; returns the step's name.
+    async fn ensure_step(&self, conn: &Conn, queue: &str, step: u32) -> Result<String> {
+        self.ensure_plain(conn, &self.landing_name(queue)).await?;
+        let q = self.step_name(queue, step);
+        if !self.is_declared(&q) {
+            self.declare(conn, &q, self.step_args(queue, step)).await?;
+        }
+        Ok(q)
+    }
+
+    /// Where a message due at `run_at` goes now: its work queue, or the wait step it fits.
+    async fn route(&self, conn: &Conn, meta: &Meta, now: DateTime<Utc>) -> Result<(String, bool)> {
+        let remaining = (meta.run_at - now).to_std().unwrap_or(Duration::ZERO);
+        if remaining.is_zero() {
+            Ok((self.ensure_work(conn, &meta.queue, &meta.name).await?, true))
+        } else {
+            Ok((
+                self.ensure_step(conn, &meta.queue, step_for(remaining))
+                    .await?,
+                false,
+            ))
+        }
+    }
+
+    /// Publishes persistently with `mandatory`, without awaiting the confirm.
+    async fn publish(
+        &self,
+        conn: &Conn,
+        routing_key: &str,
+        meta: &Meta,
+        payload: &[u8],
+    ) -> Result<lapin::PublisherConfirm> {
+        conn.publish
+            .basic_publish(
+                "".into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                payload,
+                meta.properties(),
+            )
+            .await
+            .map_err(|e| conn_err("basic.publish", e))
+    }
+
+    async fn confirmed(confirm: lapin::PublisherConfirm, routing_key: &str) -> Result<()> {
+        match confirm.await.map_err(|e| conn_err("publish confirm", e))? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(backend_err(
+                "basic.publish",
+                format!("the broker returned a message for queue {routing_key}: no such queue"),
+            )),
+            Confirmation::Nack(None) => Err(backend_err(
+                "basic.publish",
+                format!("the broker refused (nack) a message for queue {routing_key}"),
+            )),
+            Confirmation::NotRequested => Err(backend_err(
+                "basic.publish",
+                "the publish channel is not in confirm mode".into(),
+            )),
+        }
+    }
+
+    /// Publishes one message and waits for the broker's confirm.
+    async fn publish_confirmed(
+        &self,
+        conn: &Conn,
+        routing_key: &str,
+        meta: &Meta,
+        payload: &[u8],
+    ) -> Result<()> {
+        let c = self.publish(conn, routing_key, meta, payload).await?;
+        Self::confirmed(c, routing_key).await
+    }
+
+    /// Moves a waiting message on: to its work queue if due, else down the ladder.
+    async fn relay(&self, conn: &Conn, meta: &Meta, payload: &[u8]) -> Result<bool> {
+        let (target, due) = self.route(conn, meta, Utc::now()).await?;
+        self.publish_confirmed(conn, &target, meta, payload).await?;
+        Ok(due)
+    }
+
+    /// Starts the relay consumer of `queue`'s landing queue on this connection, once.
+    async fn ensure_relay(self: &Arc<Self>, conn: &Arc<Conn>, queue: &str) -> Result<()> {
+        if lock(&self.relays).get(queue) == Some(&conn.generation) {
+            return Ok(());
+        }
+        let landing = self.landing_name(queue);
+        self.ensure_plain(conn, &landing).await?;
+        let channel = conn
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| conn_err("channel.open", e))?;
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| conn_err("basic.qos", e))?;
+        let mut consumer = channel
+            .basic_consume(
+                landing.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| conn_err("basic.consume", e))?;
+        lock(&self.relays).insert(queue.to_owned(), conn.generation);
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        let queue = queue.to_owned();
+        let generation = conn.generation;
+        tokio::spawn(async move {
+            while let Some(delivery) = consumer.next().await {
+                let Ok(delivery) = delivery else { break };
+                let Some(inner) = weak.upgrade() else { break };
+                let Ok(conn) = inner.conn().await else { break };
+                let meta = Meta::from_delivery(&delivery.properties, &queue, None);
+                let moved = match &meta {
+                    Some(m) => inner.relay(&conn, m, &delivery.data).await,
+                    None => {
+                        tracing::error!(queue = %queue, "a message without Backline headers in the landing queue; dropped");
+                        Ok(false)
+                    }
+                };
+                match moved {
+                    Ok(due) => {
+                        if delivery
+                            .acker
+                            .ack(BasicAckOptions::default())
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                        if due {
+                            inner.signal(&queue).bump();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = %queue, error = %e, "delay relay failed; the message stays in the landing queue");
+                        break;
+                    }
+                }
+            }
+            if let Some(inner) = weak.upgrade() {
+                let mut relays = lock(&inner.relays);
+                if relays.get(&queue) == Some(&generation) {
+                    relays.remove(&queue);
+                }
+            }
+            let _ = channel.close(200, "relay stopped".into()).await;
+        });
+        Ok(())
+    }
+
+    /// One `basic.get` from a work queue; a redelivered message is counted and moved here.
+    async fn get_one(
+        &self,
+        conn: &Conn,
+        work: &str,
+        queue: &str,
+        name: &str,
+        lease: Duration,
+    ) -> Result<GetResult> {
+        let msg = conn
+            .claim
+            .basic_get(work.into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|e| conn_err("basic.get", e))?;
+        let Some(msg) = msg else {
+            return Ok(GetResult::Empty);
+        };
+        let remaining = msg.message_count;
+        let d = msg.delivery;
+        let Some(mut meta) = Meta::from_delivery(&d.properties, queue, Some(name)) else {
+            return Err(backend_err("basic.get", "unreadable message".into()));
+        };
+        if d.redelivered {
+            // The last delivery's connection closed before it finished: a crashed attempt.
+            meta.attempt += 1;
+            if meta.attempt >= meta.max_attempts {
+                meta.last_error = Some(format!(
+                    "lease expired: the connection holding attempt {} closed before it finished",
+                    meta.attempt
+                ));
+                meta.died_at = Some(Utc::now());
+                let dead = self.dead_name(queue);
+                self.ensure_plain(conn, &dead).await?;
+                self.publish_confirmed(conn, &dead, &meta, &d.data).await?;
+                tracing::error!(job = %meta.id, name = %meta.name, attempt = meta.attempt, "job dead: its worker died on every attempt");
+            } else {
+                meta.last_error = Some(format!(
+                    "lease expired: the connection holding attempt {} closed before it finished",
+                    meta.attempt
+                ));
+                self.publish_confirmed(conn, work, &meta, &d.data).await?;
+            }
+            d.acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|e| conn_err("basic.ack", e))?;
+            return Ok(GetResult::Moved(remaining));
+        }
+        let now = Utc::now();
+        let token = LeaseToken::random();
+        let job = meta.to_job(
+            d.data.clone(),
+            JobState::Running,
+            meta.attempt + 1,
+            Some(now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX)),
+        );
+        lock(&self.held).insert(
+            meta.id,
+            Held {
+                token,
+                acker: d.acker,
+                generation: conn.generation,
+                meta,
+                payload: d.data,
+            },
+        );
+        Ok(GetResult::Claimed(
+            Box::new(ClaimedJob { job, token }),
+            remaining,
+        ))
+    }
+
+    async fn finish_one(&self, conn: &Conn, f: &Finish) -> Result<bool> {
+        let held = {
+            let mut held = lock(&self.held);
+            match held.get(&f.id) {
+                Some(h) if h.token == f.token => held.remove(&f.id),
+                _ => None,
+            }
+        };
+        let Some(h) = held else { return Ok(false) };
+        if h.generation != conn.generation || !h.acker.usable() {
+            return Ok(false);
+        }
+        let mut meta = h.meta.clone();
+        let attempt = meta.attempt + 1;
+        let moved = match &f.outcome {
+            Outcome::Succeeded { .. } => Ok(()),
+            Outcome::Retry { delay, error } => {
+                meta.attempt = attempt;
+                meta.last_error = Some(error.clone());
+                let now = Utc::now();
+                meta.run_at =
+                    now + chrono::Duration::from_std(*delay).unwrap_or(chrono::Duration::MAX);
+                match self.route(conn, &meta, now).await {
+                    Ok((target, _)) => {
+                        self.publish_confirmed(conn, &target, &meta, &h.payload)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Outcome::Dead { error } => {
+                meta.attempt = attempt;
+                meta.last_error = Some(error.clone());
+                meta.died_at = Some(Utc::now());
+                let dead = self.dead_name(&meta.queue);
+                match self.ensure_plain(conn, &dead).await {
+                    Ok(()) => self.publish_confirmed(conn, &dead, &meta, &h.payload).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Outcome::Release => {
+                // The attempt header is unchanged: the attempt is given back.
+                meta.run_at = Utc::now();
+                match self.ensure_work(conn, &meta.queue, &meta.name).await {
+                    Ok(work) => self.publish_confirmed(conn, &work, &meta, &h.payload).await,
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(e) = moved {
+            tracing::warn!(job = %f.id, error = %e, "moving a finished job failed; the broker redelivers it");
+            let _ = h
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await;
+            return Err(e);
+        }
+        if matches!(f.outcome, Outcome::Release) {
+            self.signal(&meta.queue).bump();
+        }
+        match h.acker.ack(BasicAckOptions::default()).await {
+            Ok(acked) => Ok(acked),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Browses up to `limit` dead letters of `queue` on a channel of its own (closed after, so
+    /// every message goes back in place); `act` picks the one to take (ack) and what to do.
+    async fn scan_dead<F>(&self, queue: &str, limit: usize, mut visit: F) -> Result<()>
+    where
+        F: FnMut(&Meta, &[u8]) -> ScanStep,
+    {
+        let conn = self.conn().await?;
+        let dead = self.dead_name(queue);
+        self.ensure_plain(&conn, &dead).await?;
+        let channel = conn
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| conn_err("channel.open", e))?;
+        let result = async {
+            for _ in 0..limit {
+                let Some(msg) = channel
+                    .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await
+                    .map_err(|e| conn_err("basic.get", e))?
+                else {
+                    break;
+                };
+                let d = msg.delivery;
+                let Some(meta) = Meta::from_delivery(&d.properties, queue, None) else {
+                    continue;
+                };
+                match visit(&meta, &d.data) {
+                    ScanStep::Next => {}
+                    ScanStep::Stop => break,
+                    ScanStep::Take => {
+                        d.acker
+                            .ack(BasicAckOptions::default())
+                            .await
+                            .map_err(|e| conn_err("basic.ack", e))?;
+                    }
+                    ScanStep::TakeAndStop => {
+                        d.acker
+                            .ack(BasicAckOptions::default())
+                            .await
+                            .map_err(|e| conn_err("basic.ack", e))?;
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        let _ = channel.close(200, "dead-letter scan done".into()).await;
+        result
+    }
+
+    /// Finds a dead job by id; `take` acks it (then it is gone from the dead letters).
+    async fn find_dead(&self, id: JobId) -> Result<Option<(Meta, Vec<u8>)>> {
+        for (queue, _) in self.known_queues(None) {
+            let mut found = None;
+            self.scan_dead(&queue, DEAD_SCAN_LIMIT, |m, data| {
+                if m.id == id {
+                    found = Some((m.clone(), data.to_vec()));
+                    ScanStep::TakeAndStop
+                } else {
+                    ScanStep::Next
+                }
+            })
+            .await?;
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
+    }
+}
+
+enum GetResult {
+    Empty,
+    Claimed(Box<ClaimedJob>, u32),
+    Moved(u32),
+}
+
+enum ScanStep {
+    Next,
+    Stop,
+    Take,
+    TakeAndStop,
+}
+
+#[async_trait]
+impl Backend for RabbitMqBackend {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            dedup_by_id: false,
+            filter_by_name: true,
+            get_job: false,
+            list_jobs: false,
+            cancel: false,
+            transactional_enqueue: false,
+            locks: false,
+            durable: true,
+            lease_expiry: false,
+            run_at_order: false,
+            list_dead: true,
+        }
+    }
+
+    async fn push(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>> {
+        let inner = &self.inner;
+        let conn = inner.conn().await?;
+        let now = Utc::now();
+        let mut ids = Vec::with_capacity(jobs.len());
+        let mut pending = Vec::with_capacity(jobs.len());
+        let mut woken: BTreeSet<String> = BTreeSet::new();
+        for job in &jobs {
+            // Declares the work queue and remembers the name even for a delayed job.
+            inner.ensure_work(&conn, &job.queue, &job.name).await?;
+            let run_at = match job.run_at {
+                RunAt::Now => now,
+                RunAt::After(d) => {
+                    now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+                }
+                RunAt::At(t) => t,
+            };
+            let meta = Meta::new(job, now, run_at);
+            let (target, due) = inner.route(&conn, &meta, now).await?;
+            if due {
+                woken.insert(job.queue.clone());
+            }
+            let confirm = inner.publish(&conn, &target, &meta, &job.payload).await?;
+            pending.push((confirm, target));
+            ids.push(job.id);
+        }
+        for (confirm, target) in pending {
+            Inner::confirmed(confirm, &target).await?;
+        }
+        for q in woken {
+            inner.signal(&q).bump();
+        }
+        Ok(ids)
+    }
+
+    async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {
+        let inner = &self.inner;
+        let conn = inner.conn().await?;
+        inner.ensure_relay(&conn, req.queue).await?;
+        let mut works = Vec::with_capacity(req.names.len());
+        for name in req.names {
+            works.push((
+                name.as_str(),
+                inner.ensure_work(&conn, req.queue, name).await?,
+            ));
+        }
+        // Start at a different job name each claim, so a busy name never starves the others.
+        if !works.is_empty() {
+            let start = inner.rotation.fetch_add(1, Ordering::Relaxed) as usize % works.len();
+            works.rotate_left(start);
+        }
+        let mut out: Vec<ClaimedJob> = Vec::new();
+        let mut open: Vec<bool> = vec![true; works.len()];
+        while out.len() < req.limit && open.iter().any(|o| *o) {
+            for (i, (name, work)) in works.iter().enumerate() {
+                if !open[i] || out.len() >= req.limit {
+                    continue;
+                }
+                match inner
+                    .get_one(&conn, work, req.queue, name, req.lease)
+                    .await?
+                {
+                    GetResult::Empty => open[i] = false,
+                    GetResult::Moved(0) => open[i] = false,
+                    GetResult::Moved(_) => {}
+                    GetResult::Claimed(job, remaining) => {
+                        out.push(*job);
+                        // More are waiting: fetch them in one pipelined round.
+                        let more = (remaining as usize).min(req.limit - out.len());
+                        if more > 0 {
+                            let gets = (0..more)
+                                .map(|_| inner.get_one(&conn, work, req.queue, name, req.lease));
+                            for r in futures_util::future::join_all(gets).await {
+                                match r? {
+                                    GetResult::Claimed(job, _) => out.push(*job),
+                                    GetResult::Empty => open[i] = false,
+                                    GetResult::Moved(_) => {}
+                                }
+                            }
+                        }
+                        if remaining == 0 {
+                            open[i] = false;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn finish(&self, batch: &[Finish]) -> Result<Vec<bool>> {
+        let conn = self.inner.conn().await?;
+        let mut out = Vec::with_capacity(batch.len());
+        for f in batch {
+            out.push(self.inner.finish_one(&conn, f).await?);
+        }
+        Ok(out)
+    }
+
+    async fn heartbeat(
+        &self,
+        leases: &[(JobId, LeaseToken)],
+        _lease: Duration,
+    ) -> Result<Vec<bool>> {
+        // The lease is the delivery: it holds as long as its channel is open.
+        let generation = self.inner.generation.load(Ordering::SeqCst);
+        let held = lock(&self.inner.held);
+        Ok(leases
+            .iter()
+            .map(|(id, token)| {
+                held.get(id).is_some_and(|h| {
+                    h.token == *token && h.generation == generation && h.acker.usable()
+                })
+            })
+            .collect())
+    }
+
+    async fn wait(&self, queue: &str, seen: u64, timeout: Duration) -> Result<u64> {
+        let signal = self.inner.signal(queue);
+        let notified = signal.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let now = signal.seq.load(Ordering::SeqCst);
+        if now != seen {
+            return Ok(now);
+        }
+        let _ = tokio::time::timeout(timeout, notified).await;
+        Ok(signal.seq.load(Ordering::SeqCst))
+    }
+
+    async fn maintain(&self, m: &Maintenance) -> Result<MaintenanceReport> {
+        let inner = &self.inner;
+        let conn = inner.conn().await?;
+        let mut report = MaintenanceReport::default();
+        let queues = inner.known_queues(None);
+        for (queue, _) in &queues {
+            // Landing queues that no relay consumer of this handle serves.
+            if lock(&inner.relays).get(queue) != Some(&conn.generation) {
+                let landing = inner.landing_name(queue);
+                inner.ensure_plain(&conn, &landing).await?;
+                for _ in 0..m.batch {
+                    let Some(msg) = conn
+                        .claim
+                        .basic_get(landing.as_str().into(), BasicGetOptions { no_ack: false })
+                        .await
+                        .map_err(|e| conn_err("basic.get", e))?
+                    else {
+                        break;
+                    };
+                    let d = msg.delivery;
+                    if let Some(meta) = Meta::from_delivery(&d.properties, queue, None) {
+                        if inner.relay(&conn, &meta, &d.data).await? {
+                            report.promoted += 1;
+                            inner.signal(queue).bump();
+                        }
+                    }
+                    d.acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map_err(|e| conn_err("basic.ack", e))?;
+                }
+            }
+            // Retention of dead letters: the oldest are at the head of the queue.
+            let ttl = chrono::Duration::from_std(m.dead_ttl).unwrap_or(chrono::Duration::MAX);
+            let cutoff = Utc::now() - ttl;
+            if inner.is_declared(&inner.dead_name(queue)) {
+                let mut pruned = 0u64;
+                inner
+                    .scan_dead(queue, m.batch, |meta, _| {
+                        if meta.died_at.is_some_and(|t| t <= cutoff) {
+                            pruned += 1;
+                            ScanStep::Take
+                        } else {
+                            ScanStep::Stop
+                        }
+                    })
+                    .await?;
+                report.pruned += pruned;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn get(&self, _id: JobId) -> Result<Option<Job>> {
+        Err(unsupported("getting a job by id"))
+    }
+
+    async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
+        if filter.state != Some(JobState::Dead) {
+            return Err(unsupported("listing jobs other than dead letters"));
+        }
+        let limit = if filter.limit == 0 { 100 } else { filter.limit };
+        let mut out = Vec::new();
+        for (queue, _) in self.inner.known_queues(filter.queue.as_deref()) {
+            let mut skipped = 0usize;
+            self.inner
+                .scan_dead(&queue, filter.offset + limit, |m, data| {
+                    if filter.name.as_ref().is_some_and(|n| *n != m.name) {
+                        return ScanStep::Next;
+                    }
+                    if skipped < filter.offset {
+                        skipped += 1;
+                    } else if out.len() < limit {
+                        out.push(m.to_job(data.to_vec(), JobState::Dead, m.attempt, None));
+                    }
+                    ScanStep::Next
+                })
+                .await?;
+        }
+        out.sort_by_key(|j| j.id);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn counts(&self, queue: Option<&str>) -> Result<Counts> {
+        let inner = &self.inner;
+        let conn = inner.conn().await?;
+        let mut c = Counts::default();
+        let queues = inner.known_queues(queue);
+        for (q, names) in &queues {
+            for name in names {
+                let work = inner.work_name(q, name);
+                c.ready += u64::from(inner.declare(&conn, &work, inner.work_args()).await?);
+            }
+            c.scheduled += u64::from(
+                inner
+                    .declare(&conn, &inner.landing_name(q), FieldTable::default())
+                    .await?,
+            );
+            for step in MIN_STEP..=MAX_STEP {
+                c.scheduled += u64::from(
+                    inner
+                        .declare(&conn, &inner.step_name(q, step), inner.step_args(q, step))
+                        .await?,
+                );
+            }
+            c.dead += u64::from(
+                inner
+                    .declare(&conn, &inner.dead_name(q), FieldTable::default())
+                    .await?,
+            );
+        }
+        let held = lock(&inner.held);
+        c.running = held
+            .values()
+            .filter(|h| queue.is_none_or(|q| h.meta.queue == q))
+            .count() as u64;
+        Ok(c)
+    }
+
+    async fn cancel(&self, _id: JobId) -> Result<bool> {
+        Err(unsupported("cancelling a job"))
+    }
+
+    async fn retry_dead(&self, id: JobId) -> Result<bool> {
+        let inner = &self.inner;
+        let conn = inner.conn().await?;
+        // Republish first, confirmed; only then take the dead letter.
+        let Some((mut meta, payload)) = inner.peek_dead(id).await? else {
+            return Ok(false);
+        };
+        meta.attempt = 0;
+        meta.died_at = None;
+        meta.run_at = Utc::now();
+        let work = inner.ensure_work(&conn, &meta.queue, &meta.name).await?;
+        inner
+            .publish_confirmed(&conn, &work, &meta, &payload)
+            .await?;
+        inner.find_dead(id).await?;
+        inner.signal(&meta.queue).bump();
+        Ok(true)
+    }
+
+    async fn delete(&self, id: JobId) -> Result<bool> {
+        Ok(self.inner.find_dead(id).await?.is_some())
+    }
+
+    async fn purge(&self, state: JobState, queue: Option<&str>) -> Result<u64> {
+        let inner = &self.inner;
+        let conn = inner.conn().await?;
+        let mut n = 0u64;
+        for (q, names) in inner.known_queues(queue) {
+            let targets: Vec<String> =
+                match state {
+                    JobState::Dead => vec![inner.dead_name(&q)],
+                    JobState::Ready => names.iter().map(|name| inner.work_name(&q, name)).collect(),
+                    JobState::Succeeded => Vec::new(),
+                    JobState::Running => {
+                        return Err(Error::InvalidJob("running jobs cannot be purged".into()))
+                    }
+                    JobState::Scheduled | JobState::Retrying => return Err(unsupported(
+                        "purging waiting jobs (scheduled and retrying jobs share the wait queues)",
+                    )),
+                };
+            for t in targets {
+                if state == JobState::Dead {
+                    inner.ensure_plain(&conn, &t).await?;
+                } else {
+                    inner.declare(&conn, &t, inner.work_args()).await?;
+                }
+                n += u64::from(
+                    conn.admin
+                        .queue_purge(t.as_str().into(), QueuePurgeOptions::default())
+                        .await
+                        .map_err(|e| conn_err("queue.purge", e))?,
+                );
+            }
+        }
+        Ok(n)
+    }
+
+    async fn lock_acquire(&self, _name: &str, _owner: LeaseToken, _ttl: Duration) -> Result<bool> {
+        Err(unsupported("distributed locks"))
+    }
+
+    async fn lock_renew(&self, _name: &str, _owner: LeaseToken, _ttl: Duration) -> Result<bool> {
+        Err(unsupported("distributed locks"))
+    }
+
+    async fn lock_release(&self, _name: &str, _owner: LeaseToken) -> Result<bool> {
+        Err(unsupported("distributed locks"))
+    }
+}
+
+impl Inner {
+    /// Finds a dead job by id without taking it.
+    async fn peek_dead(&self, id: JobId) -> Result<Option<(Meta, Vec<u8>)>> {
+        for (queue, _) in self.known_queues(None) {
+            let mut found = None;
+            self.scan_dead(&queue, DEAD_SCAN_LIMIT, |m, data| {
+                if m.id == id {
+                    found = Some((m.clone(), data.to_vec()));
+                    ScanStep::Stop
+                } else {
+                    ScanStep::Next
+                }
+            })
+            .await?;
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ladder_never_waits_past_the_due_time() {
+        assert_eq!(step_for(Duration::from_millis(1)), MIN_STEP);
+        assert_eq!(step_for(Duration::from_millis(16)), 4);
+        assert_eq!(step_for(Duration::from_millis(31)), 4);
+        assert_eq!(step_for(Duration::from_millis(32)), 5);
+        assert_eq!(step_for(Duration::from_millis(1500)), 10);
+        assert_eq!(step_for(Duration::from_secs(10 * 86_400)), MAX_STEP);
+        for ms in [16u64, 17, 100, 999, 1000, 65_000, 3_600_000] {
+            assert!(1u64 << step_for(Duration::from_millis(ms)) <= ms, "{ms}");
+        }
+    }
+}

@@ -1,0 +1,485 @@
+//! The conformance suite and the RabbitMQ-specific tests, against a real broker
+//! (`BACKLINE_AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//!
+//! Each backend gets its own random queue prefix, so the tests run in parallel and never touch
+//! other queues; dropping the harness deletes every queue its backends declared. Without a
+//! broker the tests print a loud notice and pass, unless `BACKLINE_REQUIRE_SERVICES=1`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backline_core::{
+    Backend, ClaimRequest, ClaimedJob, EnqueueOptions, Error, Finish, JobArgs, JobFilter, JobId,
+    JobManager, JobServer, JobState, Outcome,
+};
+use backline_rabbitmq::{QueueKind, QueueNaming, RabbitMqBackend, RabbitMqConfig};
+use backline_testkit::{eventually, fast_config, Action, Recorder, Task, TaskHandler};
+use tokio::sync::OnceCell;
+
+fn url() -> String {
+    std::env::var("BACKLINE_AMQP_URL").unwrap_or_else(|_| backline_rabbitmq::DEFAULT_URL.to_owned())
+}
+
+static REACHABLE: OnceCell<bool> = OnceCell::const_new();
+
+async fn reachable() -> bool {
+    *REACHABLE
+        .get_or_init(|| async {
+            let config = RabbitMqConfig::new(url())
+                .with_prefix(fresh_prefix())
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_reconnect_attempts(0);
+            match RabbitMqBackend::connect(config).await {
+                Ok(b) => {
+                    b.close().await;
+                    true
+                }
+                Err(e) => {
+                    let msg = format!(
+                        "RabbitMQ at {} is unreachable ({e}); start it (`cargo xtask services up`)",
+                        backline_core::redact_url(&url())
+                    );
+                    if backline_testkit::require_services() {
+                        panic!("{msg}");
+                    }
+                    eprintln!("\n!!!!!!!!!! SKIPPING RABBITMQ TESTS: {msg} !!!!!!!!!!\n");
+                    false
+                }
+            }
+        })
+        .await
+}
+
+fn fresh_prefix() -> String {
+    format!("backline-test-{:016x}", fastrand::u64(..))
+}
+
+async fn connect(prefix: &str) -> RabbitMqBackend {
+    RabbitMqBackend::connect(
+        RabbitMqConfig::new(url())
+            .with_prefix(prefix)
+            .with_connection_name(format!("{prefix}-conformance")),
+    )
+    .await
+    .expect("connect to RabbitMQ")
+}
+
+/// A fresh prefix per backend; `twin` opens another connection on the same prefix. Dropping
+/// the harness deletes every queue its backends declared.
+struct RabbitHarness {
+    prefixes: Mutex<Vec<String>>,
+    backends: Mutex<Vec<RabbitMqBackend>>,
+    twins: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for RabbitHarness {
+    fn drop(&mut self) {
+        let backends = std::mem::take(&mut *self.backends.lock().expect("harness lock"));
+        let mut queues: Vec<String> = backends.iter().flat_map(|b| b.declared_queues()).collect();
+        drop(backends);
+        if self.twins.load(std::sync::atomic::Ordering::SeqCst) {
+            // A twin (dropped by the scenario) may have declared queues of its own.
+            let prefixes = self.prefixes.lock().expect("harness lock").clone();
+            queues.extend(
+                broker_queues()
+                    .into_iter()
+                    .filter(|q| prefixes.iter().any(|p| q.starts_with(&format!("{p}.")))),
+            );
+        }
+        queues.sort();
+        queues.dedup();
+        if queues.is_empty() {
+            return;
+        }
+        // The test's runtime is ending: clean up on a small runtime of our own.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(delete_queues(queues));
+            }
+        })
+        .join();
+    }
+}
+
+/// Every queue name on the broker (`rabbitmqctl list_queues`), for a clean-up after twins.
+fn broker_queues() -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+async fn delete_queues(queues: Vec<String>) {
+    use backline_rabbitmq::lapin::{options::QueueDeleteOptions, Connection, ConnectionProperties};
+    let Ok(conn) = Connection::connect(&url(), ConnectionProperties::default()).await else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for q in queues {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    let _ = conn.close(200, "test clean-up".into()).await;
+}
+
+async fn harness() -> Option<RabbitHarness> {
+    reachable().await.then(|| RabbitHarness {
+        prefixes: Mutex::new(Vec::new()),
+        backends: Mutex::new(Vec::new()),
+        twins: std::sync::atomic::AtomicBool::new(false),
+    })
+}
+
+impl RabbitHarness {
+    fn current(&self) -> String {
+        self.prefixes
+            .lock()
+            .expect("harness lock")
+            .last()
+            .cloned()
+            .expect("backend() before twin()")
+    }
+
+    async fn make(&self, prefix: &str) -> RabbitMqBackend {
+        let b = connect(prefix).await;
+        self.backends.lock().expect("harness lock").push(b.clone());
+        b
+    }
+}
+
+#[async_trait::async_trait]
+impl backline_testkit::Harness for RabbitHarness {
+    async fn backend(&self) -> Arc<dyn Backend> {
+        let prefix = fresh_prefix();
+        self.prefixes
+            .lock()
+            .expect("harness lock")
+            .push(prefix.clone());
+        Arc::new(self.make(&prefix).await)
+    }
+
+    /// Another connection on the same prefix. Dropping it closes its connection, which hands
+    /// its claimed jobs back to the broker: the suite ends leases that way, since a broker
+    /// lease does not expire by time.
+    async fn twin(&self, _backend: &Arc<dyn Backend>) -> Arc<dyn Backend> {
+        let prefix = self.current();
+        self.twins.store(true, std::sync::atomic::Ordering::SeqCst);
+        Arc::new(connect(&prefix).await)
+    }
+}
+
+backline_testkit::conformance!(match harness().await {
+    Some(h) => h,
+    None => return,
+});
+
+/// A backend on a fresh prefix whose queues are deleted when the guard drops.
+async fn fresh() -> Option<(RabbitHarness, RabbitMqBackend)> {
+    let h = harness().await?;
+    let prefix = fresh_prefix();
+    h.prefixes
+        .lock()
+        .expect("harness lock")
+        .push(prefix.clone());
+    let b = h.make(&prefix).await;
+    Some((h, b))
+}
+
+fn task_names() -> Vec<String> {
+    vec![Task::NAME.to_owned()]
+}
+
+async fn claim(b: &RabbitMqBackend, limit: usize) -> Vec<ClaimedJob> {
+    b.claim(ClaimRequest {
+        queue: "default",
+        names: &task_names(),
+        limit,
+        lease: Duration::from_secs(30),
+    })
+    .await
+    .expect("claim")
+}
+
+/// A job delayed by 2 s enqueued before one delayed by 200 ms: the short delay runs first
+/// (different delays sit in different wait queues, so the long one blocks nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_delays_run_in_delay_order() {
+    let Some((_h, b)) = fresh().await else { return };
+    let b = Arc::new(b);
+    let manager = JobManager::new(b.clone());
+    let long = manager
+        .enqueue_with(
+            Task::ok("long"),
+            EnqueueOptions::new().delay(Duration::from_secs(2)),
+        )
+        .await
+        .expect("enqueue");
+    let short = manager
+        .enqueue_with(
+            Task::ok("short"),
+            EnqueueOptions::new().delay(Duration::from_millis(200)),
+        )
+        .await
+        .expect("enqueue");
+    let c = manager.counts(None).await.expect("counts");
+    assert_eq!((c.scheduled, c.ready), (2, 0), "{c:?}");
+    let rec = Recorder::new();
+    let running = JobServer::builder(b.clone())
+        .register(TaskHandler::<Task>::new(rec.clone()))
+        .config(fast_config())
+        .queue("default", 2)
+        .build()
+        .expect("server")
+        .start();
+    rec.wait_until("both ran", |e| e.len() >= 2).await;
+    running.shutdown().await.expect("shutdown");
+    let ids: Vec<JobId> = rec.events().iter().map(|e| e.id).collect();
+    assert_eq!(ids, [short, long], "delay order, not enqueue order");
+    assert_eq!(manager.counts(None).await.expect("counts").total(), 0);
+}
+
+/// A delivery whose connection closed before it finished comes back `redelivered`: the next
+/// claim counts the lost attempt, and a job out of attempts goes to the dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_job_counts_the_lost_attempt() {
+    let Some((h, b)) = fresh().await else { return };
+    let manager = JobManager::new(Arc::new(b.clone()));
+    let twice = manager
+        .enqueue_with(Task::ok("twice"), EnqueueOptions::new().max_attempts(3))
+        .await
+        .expect("enqueue");
+    let once = manager
+        .enqueue_with(Task::ok("once"), EnqueueOptions::new().max_attempts(1))
+        .await
+        .expect("enqueue");
+    let worker = h.make(&h.current()).await;
+    let first = claim(&worker, 2).await;
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|c| c.job.attempt == 1));
+    // The worker "dies": its connection closes with both jobs unacknowledged.
+    worker.close().await;
+    let again = eventually("the lost job to come back", || async {
+        let mut c = claim(&b, 2).await;
+        c.pop()
+    })
+    .await;
+    assert_eq!(again.job.id, twice);
+    assert_eq!(again.job.attempt, 2, "the lost attempt counts");
+    assert_eq!(
+        b.finish(&[Finish {
+            id: twice,
+            token: again.token,
+            outcome: Outcome::Succeeded { keep: false },
+        }])
+        .await
+        .expect("finish"),
+        [true]
+    );
+    let dead = manager
+        .backend()
+        .list(&JobFilter {
+            state: Some(JobState::Dead),
+            ..JobFilter::default()
+        })
+        .await
+        .expect("list dead");
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].id, dead[0].attempt), (once, 1));
+    let err = dead[0].last_error.clone().unwrap_or_default();
+    assert!(err.contains("lease expired"), "{err}");
+}
+
+/// A dead letter lists with its error, is republished with fresh attempts, runs again, and
+/// can be purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_listed_republished_and_purged() {
+    let Some((_h, b)) = fresh().await else { return };
+    let b = Arc::new(b);
+    let manager = JobManager::new(b.clone());
+    let id = manager
+        .enqueue(Task::new("doomed", Action::Fatal))
+        .await
+        .expect("enqueue");
+    let rec = Recorder::new();
+    let server = JobServer::builder(b.clone())
+        .register(TaskHandler::<Task>::new(rec.clone()))
+        .config(fast_config())
+        .queue("default", 2)
+        .build()
+        .expect("server");
+    server.run_until_idle().await.expect("drain");
+    let dead_filter = JobFilter {
+        state: Some(JobState::Dead),
+        ..JobFilter::default()
+    };
+    let dead = manager.list(&dead_filter).await.expect("list dead");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, id);
+    assert_eq!(dead[0].last_error.as_deref(), Some("fatal boom"));
+    let task: Task = serde_json::from_slice(&dead[0].payload).expect("payload");
+    assert_eq!(task.tag, "doomed");
+    // Listing is a browse: the dead letter is still there.
+    assert_eq!(manager.counts(None).await.expect("counts").dead, 1);
+    assert!(manager.retry_dead(id).await.expect("retry"));
+    assert!(
+        !manager.retry_dead(id).await.expect("retry"),
+        "not dead any more"
+    );
+    server.run_until_idle().await.expect("drain");
+    let attempts: Vec<(JobId, u32)> = rec.events().iter().map(|e| (e.id, e.attempt)).collect();
+    assert_eq!(attempts, [(id, 1), (id, 1)], "a fresh set of attempts");
+    assert_eq!(manager.purge(JobState::Dead, None).await.expect("purge"), 1);
+    assert!(manager.list(&dead_filter).await.expect("list").is_empty());
+    assert_eq!(manager.counts(None).await.expect("counts").total(), 0);
+}
+
+/// `QueueNaming::Abp` puts default-queue jobs in `AbpBackgroundJobs.{JobName}`, and a message
+/// published there without Backline headers (as ABP publishes it) runs as a fresh job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abp_naming_and_a_message_without_headers() {
+    use backline_rabbitmq::lapin::{
+        options::BasicPublishOptions, BasicProperties, Connection, ConnectionProperties,
+    };
+    let Some(h) = harness().await else { return };
+    let prefix = fresh_prefix();
+    h.prefixes
+        .lock()
+        .expect("harness lock")
+        .push(prefix.clone());
+    let b = RabbitMqBackend::connect(
+        RabbitMqConfig::new(url())
+            .with_prefix(&prefix)
+            .with_naming(QueueNaming::Abp),
+    )
+    .await
+    .expect("connect");
+    h.backends.lock().expect("harness lock").push(b.clone());
+    // A job name of this test alone: ABP's queue names carry no prefix.
+    let name = format!("BacklineTest{:016x}", fastrand::u64(..));
+    let work = b.work_queue_name("default", &name);
+    assert_eq!(work, format!("AbpBackgroundJobs.{name}"));
+    assert_eq!(
+        b.work_queue_name("other", &name),
+        format!("{prefix}.other.{name}")
+    );
+    let names = vec![name.clone()];
+    // Declares the queue.
+    assert!(b
+        .claim(ClaimRequest {
+            queue: "default",
+            names: &names,
+            limit: 1,
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .expect("claim")
+        .is_empty());
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.basic_publish(
+        "".into(),
+        work.as_str().into(),
+        BasicPublishOptions::default(),
+        br#"{"email":"a@example.com"}"#,
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+    let _ = conn.close(200, "done".into()).await;
+    let claimed = eventually("the foreign message", || async {
+        b.claim(ClaimRequest {
+            queue: "default",
+            names: &names,
+            limit: 1,
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .expect("claim")
+        .pop()
+    })
+    .await;
+    assert_eq!(claimed.job.name, name);
+    assert_eq!(claimed.job.attempt, 1);
+    assert_eq!(claimed.job.payload, br#"{"email":"a@example.com"}"#);
+    assert_eq!(
+        b.finish(&[Finish {
+            id: claimed.job.id,
+            token: claimed.token,
+            outcome: Outcome::Succeeded { keep: false },
+        }])
+        .await
+        .expect("finish"),
+        [true]
+    );
+}
+
+/// Quorum work queues (no priorities on 3.10, a delivery limit) run jobs too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_run_jobs() {
+    let Some(h) = harness().await else { return };
+    let prefix = fresh_prefix();
+    h.prefixes
+        .lock()
+        .expect("harness lock")
+        .push(prefix.clone());
+    let b = RabbitMqBackend::connect(
+        RabbitMqConfig::new(url())
+            .with_prefix(&prefix)
+            .with_queue_kind(QueueKind::Quorum { delivery_limit: 5 }),
+    )
+    .await
+    .expect("connect");
+    h.backends.lock().expect("harness lock").push(b.clone());
+    let b = Arc::new(b);
+    let manager = JobManager::new(b.clone());
+    let ids = manager
+        .enqueue_batch((0..3).map(|i| Task::ok(format!("q{i}"))))
+        .await
+        .expect("enqueue");
+    let rec = Recorder::new();
+    JobServer::builder(b.clone())
+        .register(TaskHandler::<Task>::new(rec.clone()))
+        .config(fast_config())
+        .queue("default", 1)
+        .configure(|c| c.claim_batch = 1)
+        .build()
+        .expect("server")
+        .run_until_idle()
+        .await
+        .expect("drain");
+    let ran: Vec<JobId> = rec.events().iter().map(|e| e.id).collect();
+    assert_eq!(ran, ids, "FIFO on a quorum queue");
+}
+
+/// With no broker behind the URL, connecting fails with a typed connection error whose text
+/// does not show the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_a_connection_error() {
+    let config = RabbitMqConfig::new("amqp://guest:s3cret@127.0.0.1:1/%2f")
+        .with_reconnect_attempts(1)
+        .with_connect_timeout(Duration::from_secs(2));
+    match RabbitMqBackend::connect(config).await {
+        Err(e @ Error::Connection { .. }) => {
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("s3cret"), "{text}");
+            assert!(e.is_retryable());
+        }
+        other => panic!("expected a connection error, got {other:?}"),
+    }
+}
