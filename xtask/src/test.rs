@@ -19,6 +19,7 @@ const PROVIDERS: &[(&str, &[Server])] = &[
     ("backline-memory", &[]),
     ("backline-sql", &[Server::Postgres, Server::Mysql]),
     ("backline-redis", &[Server::Redis]),
+    ("backline-rabbitmq", &[Server::Rabbitmq]),
 ];
 
 /// The servers that `test` makes sure of, each once, in [`Server::ALL`] order.
