@@ -61,7 +61,13 @@ impl std::fmt::Debug for RabbitMqBackend {
 
 struct Inner {
     config: RabbitMqConfig,
-    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    /// The current connection (read on every call).
+    conn: std::sync::RwLock<Option<Arc<Conn>>>,
+    /// Held while (re)connecting, so one caller reconnects and the others wait for it.
+    reconnecting: tokio::sync::Mutex<()>,
+    /// Per work queue, how many messages the last `basic.get` said were left (a hint for how
+    /// many gets the next claim pipelines at once).
+    backlog: Mutex<HashMap<String, u32>>,
     generation: AtomicU64,
     /// Queues declared on the current connection.
     declared: Mutex<HashSet<String>>,
@@ -163,7 +169,9 @@ impl RabbitMqBackend {
         let backend = RabbitMqBackend {
             inner: Arc::new(Inner {
                 config,
-                conn: tokio::sync::Mutex::new(None),
+                conn: std::sync::RwLock::new(None),
+                reconnecting: tokio::sync::Mutex::new(()),
+                backlog: Mutex::new(HashMap::new()),
                 generation: AtomicU64::new(0),
                 declared: Mutex::new(HashSet::new()),
                 ever_declared: Mutex::new(BTreeSet::new()),
@@ -225,7 +233,13 @@ impl RabbitMqBackend {
     /// Closes the connection: jobs this handle still holds go back to their queues (the broker
     /// marks them redelivered, which counts the attempt). The next call reconnects.
     pub async fn close(&self) {
-        let old = self.inner.conn.lock().await.take();
+        let _reconnecting = self.inner.reconnecting.lock().await;
+        let old = self
+            .inner
+            .conn
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(c) = old {
             let _ = c.connection.close(200, "closed by backline".into()).await;
         }
@@ -234,7 +248,12 @@ impl RabbitMqBackend {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let Some(c) = self.conn.get_mut().take() else {
+        let Some(c) = self
+            .conn
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
             return;
         };
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
@@ -305,14 +324,25 @@ impl Inner {
     }
 
     /// The current connection, reconnecting with back-off when it is gone.
+    fn current(&self) -> Option<Arc<Conn>> {
+        self.conn
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|c| c.healthy())
+            .cloned()
+    }
+
     async fn conn(&self) -> Result<Arc<Conn>> {
-        let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if c.healthy() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = self.current() {
+            return Ok(c);
         }
-        let old = guard.take();
+        let _reconnecting = self.reconnecting.lock().await;
+        // Another caller may have reconnected while this one waited.
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let old = self.conn.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(old) = old {
             tracing::warn!(
                 url = %redact_url(&self.config.url),
@@ -342,7 +372,7 @@ impl Inner {
                 Ok(c) => {
                     lock(&self.declared).clear();
                     let c = Arc::new(c);
-                    *guard = Some(c.clone());
+                    *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
                     tracing::info!(url = %redact_url(&self.config.url), "connected to RabbitMQ");
                     return Ok(c);
                 }
@@ -941,32 +971,30 @@ impl Backend for RabbitMqBackend {
                 if !open[i] || out.len() >= req.limit {
                     continue;
                 }
-                match inner
-                    .get_one(&conn, work, req.queue, name, req.lease)
-                    .await?
-                {
-                    GetResult::Empty => open[i] = false,
-                    GetResult::Moved(0) => open[i] = false,
-                    GetResult::Moved(_) => {}
-                    GetResult::Claimed(job, remaining) => {
-                        out.push(*job);
-                        // More are waiting: fetch them in one pipelined round.
-                        let more = (remaining as usize).min(req.limit - out.len());
-                        if more > 0 {
-                            let gets = (0..more)
-                                .map(|_| inner.get_one(&conn, work, req.queue, name, req.lease));
-                            for r in futures_util::future::join_all(gets).await {
-                                match r? {
-                                    GetResult::Claimed(job, _) => out.push(*job),
-                                    GetResult::Empty => open[i] = false,
-                                    GetResult::Moved(_) => {}
-                                }
-                            }
-                        }
-                        if remaining == 0 {
-                            open[i] = false;
+                // As many gets at once as the queue had left last time (at least one), so a
+                // deep queue fills a batch in one round trip.
+                let need = req.limit - out.len();
+                let hint = lock(&inner.backlog)
+                    .get(work.as_str())
+                    .copied()
+                    .unwrap_or(0);
+                let k = (hint as usize).clamp(1, need);
+                let gets = (0..k).map(|_| inner.get_one(&conn, work, req.queue, name, req.lease));
+                let mut left = None;
+                for r in futures_util::future::join_all(gets).await {
+                    match r? {
+                        GetResult::Empty => left = Some(0),
+                        GetResult::Moved(n) => left = Some(n),
+                        GetResult::Claimed(job, n) => {
+                            out.push(*job);
+                            left = Some(n);
                         }
                     }
+                }
+                let left = left.unwrap_or(0);
+                lock(&inner.backlog).insert(work.clone(), left);
+                if left == 0 {
+                    open[i] = false;
                 }
             }
         }
