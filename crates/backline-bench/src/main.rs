@@ -24,6 +24,11 @@
 //! must be flat). Their raw rows are plain SQL through sqlx on the same server (see the `sql`
 //! module), and the table prints Backline/raw ratios.
 //!
+//! Redis (`redis`: `backline-redis` on `BACKLINE_REDIS_URL`, a fresh key prefix per run, its
+//! keys deleted after it) enqueues 20,000 jobs one by one, measures latency at 1,000 jobs/s, and
+//! prints raw rates of the same server (see the `redis_rows` module): `SET` and a two-write
+//! `EVALSHA` from 32 tasks, pipelined writes, and a `ZPOPMIN` + `UNLINK` drain.
+//!
 //! It prints a table and writes `target/bench/<provider>.json` (or under `CARGO_TARGET_DIR`).
 //! `--quick` runs the same rows on 10,000 jobs, one run each, for a smoke test.
 //!
@@ -39,6 +44,7 @@
 
 mod measure;
 mod memory;
+mod redis_rows;
 mod report;
 mod sql;
 
@@ -71,6 +77,8 @@ enum Provider {
     Sqlite,
     /// `backline-sql` on MySQL/MariaDB (`BACKLINE_MYSQL_URL`).
     Mysql,
+    /// `backline-redis` (`BACKLINE_REDIS_URL`), a fresh key prefix per run.
+    Redis,
 }
 
 impl Provider {
@@ -80,6 +88,7 @@ impl Provider {
         Provider::Postgres,
         Provider::Sqlite,
         Provider::Mysql,
+        Provider::Redis,
     ];
 
     /// The name on the command line and in the JSON file name.
@@ -89,6 +98,7 @@ impl Provider {
             Provider::Postgres => "postgres",
             Provider::Sqlite => "sqlite",
             Provider::Mysql => "mysql",
+            Provider::Redis => "redis",
         }
     }
 
@@ -100,7 +110,7 @@ impl Provider {
     /// The SQL database behind this provider, if any.
     fn sql(self) -> Option<sql::Db> {
         match self {
-            Provider::Memory => None,
+            Provider::Memory | Provider::Redis => None,
             Provider::Postgres => Some(sql::Db::Postgres),
             Provider::Sqlite => Some(sql::Db::Sqlite),
             Provider::Mysql => Some(sql::Db::Mysql),
@@ -125,6 +135,12 @@ impl Provider {
             // 5,000 queued beside 100,000: the drain rate must not depend on the depth.
             plan.flat_jobs = Some(5_000.min(plan.jobs));
         }
+        if self == Provider::Redis {
+            // One round trip per enqueue, as on SQL but without a commit: 20k jobs; latency at
+            // 1,000 jobs/s (issue 4's rate).
+            plan.single_jobs = if plan.quick { 2_000 } else { 20_000 };
+            plan.rate = 1_000;
+        }
         if self == Provider::Mysql && !plan.quick {
             plan.kept_runs = 1;
         }
@@ -133,16 +149,26 @@ impl Provider {
 
     /// A fresh, empty backend for one run (for SQL, a new table that [`Fresh::dispose`] drops).
     async fn backend(self) -> Result<Fresh> {
+        if self == Provider::Redis {
+            let fresh = redis_rows::FreshPrefix::create().await?;
+            return Ok(Fresh {
+                backend: Arc::new(fresh.backend.clone()),
+                table: None,
+                prefix: Some(fresh),
+            });
+        }
         match self.sql() {
             None => Ok(Fresh {
                 backend: Arc::new(backline_memory::MemoryBackend::new()),
                 table: None,
+                prefix: None,
             }),
             Some(db) => {
                 let table = sql::FreshTable::create(db).await?;
                 Ok(Fresh {
                     backend: Arc::new(table.backend.clone()),
                     table: Some(table),
+                    prefix: None,
                 })
             }
         }
@@ -151,6 +177,7 @@ impl Provider {
     /// The provider's own limit, without Backline's server or manager.
     async fn raw_rows(self, plan: &Plan) -> Result<Vec<Row>> {
         match self.sql() {
+            None if self == Provider::Redis => redis_rows::raw_rows(plan).await,
             None => memory::raw_rows(plan).await,
             Some(db) => sql::raw_rows(db, plan).await,
         }
@@ -163,6 +190,8 @@ struct Fresh {
     backend: Arc<dyn Backend>,
     /// The SQL table (or file) made for this run.
     table: Option<sql::FreshTable>,
+    /// The Redis key prefix made for this run.
+    prefix: Option<redis_rows::FreshPrefix>,
 }
 
 impl Fresh {
@@ -171,6 +200,9 @@ impl Fresh {
         drop(self.backend);
         if let Some(t) = self.table {
             t.dispose().await;
+        }
+        if let Some(p) = self.prefix {
+            p.dispose().await;
         }
     }
 }
