@@ -18,11 +18,11 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-    QueuePurgeOptions,
+    BasicQosOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Acker, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 pub use config::{QueueKind, QueueNaming, RabbitMqConfig, DEFAULT_URL, URL_ENV};
 /// The AMQP client this provider is built on, re-exported so that versions match.
@@ -40,6 +40,8 @@ const MAX_STEP: u32 = 27;
 const DEAD_SCAN_LIMIT: usize = 10_000;
 /// The longest a queue name may be (an AMQP short string).
 const MAX_QUEUE_NAME: usize = 255;
+/// The exchange wake-ups travel on: built into every broker, nothing to declare or delete.
+const WAKE_EXCHANGE: &str = "amq.direct";
 
 /// The RabbitMQ provider: one durable queue per (queue, job name), publisher confirms, manual
 /// acks, a TTL wait-queue ladder for delays and back-off, and a dead-letter queue per queue.
@@ -83,6 +85,8 @@ struct Inner {
     relays: Mutex<HashMap<String, u64>>,
     /// Where the next claim starts among the job names.
     rotation: AtomicU64,
+    /// Queues this handle listens to wake-ups for, with the connection generation.
+    wakers: Mutex<HashMap<String, u64>>,
 }
 
 struct Conn {
@@ -180,6 +184,7 @@ impl RabbitMqBackend {
                 signals: Mutex::new(HashMap::new()),
                 relays: Mutex::new(HashMap::new()),
                 rotation: AtomicU64::new(0),
+                wakers: Mutex::new(HashMap::new()),
             }),
         };
         {
@@ -287,6 +292,102 @@ impl Inner {
 
     fn step_name(&self, queue: &str, step: u32) -> String {
         self.prefixed(queue, &format!("~wait.{step:02}"))
+    }
+
+    /// The routing key of `queue`'s wake-ups on `amq.direct`.
+    fn wake_key(&self, queue: &str) -> String {
+        self.prefixed(queue, "~wake")
+    }
+
+    /// Tells every handle waiting on `queue` (in any process) that jobs may be due: a
+    /// transient message on `amq.direct`, unconfirmed (a lost one costs a poll interval).
+    async fn wake_others(&self, conn: &Conn, queue: &str) {
+        let key = self.wake_key(queue);
+        if key.len() > MAX_QUEUE_NAME {
+            return;
+        }
+        let sent = conn
+            .admin
+            .basic_publish(
+                WAKE_EXCHANGE.into(),
+                key.as_str().into(),
+                BasicPublishOptions::default(),
+                b"",
+                BasicProperties::default(),
+            )
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(queue = %queue, error = %e, "wake-up publish failed");
+        }
+    }
+
+    /// Listens to `queue`'s wake-ups on this connection, once: an exclusive, auto-deleted
+    /// queue bound to `amq.direct`, consumed without acks; each message bumps the signal.
+    async fn ensure_waker(self: &Arc<Self>, conn: &Conn, queue: &str) -> Result<()> {
+        if lock(&self.wakers).get(queue) == Some(&conn.generation) {
+            return Ok(());
+        }
+        let key = self.wake_key(queue);
+        if key.len() > MAX_QUEUE_NAME {
+            return Ok(());
+        }
+        let channel = conn
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| conn_err("channel.open", e))?;
+        let q = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| conn_err("queue.declare", e))?;
+        channel
+            .queue_bind(
+                q.name().clone(),
+                WAKE_EXCHANGE.into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| conn_err("queue.bind", e))?;
+        let mut consumer = channel
+            .basic_consume(
+                q.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| conn_err("basic.consume", e))?;
+        lock(&self.wakers).insert(queue.to_owned(), conn.generation);
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        let queue = queue.to_owned();
+        let generation = conn.generation;
+        tokio::spawn(async move {
+            while let Some(Ok(_)) = consumer.next().await {
+                let Some(inner) = weak.upgrade() else { break };
+                inner.signal(&queue).bump();
+            }
+            if let Some(inner) = weak.upgrade() {
+                let mut wakers = lock(&inner.wakers);
+                if wakers.get(&queue) == Some(&generation) {
+                    wakers.remove(&queue);
+                }
+            }
+            let _ = channel.close(200, "wake-ups stopped".into()).await;
+        });
+        Ok(())
     }
 
     fn signal(&self, queue: &str) -> Arc<Signal> {
@@ -645,6 +746,7 @@ impl Inner {
                         }
                         if due {
                             inner.signal(&queue).bump();
+                            inner.wake_others(&conn, &queue).await;
                         }
                     }
                     Err(e) => {
@@ -798,6 +900,7 @@ impl Inner {
         }
         if matches!(f.outcome, Outcome::Release) {
             self.signal(&meta.queue).bump();
+            self.wake_others(conn, &meta.queue).await;
         }
         match h.acker.ack(BasicAckOptions::default()).await {
             Ok(acked) => Ok(acked),
@@ -944,6 +1047,7 @@ impl Backend for RabbitMqBackend {
         }
         for q in woken {
             inner.signal(&q).bump();
+            inner.wake_others(&conn, &q).await;
         }
         Ok(ids)
     }
@@ -952,6 +1056,9 @@ impl Backend for RabbitMqBackend {
         let inner = &self.inner;
         let conn = inner.conn().await?;
         inner.ensure_relay(&conn, req.queue).await?;
+        // Listen to wake-ups before looking at the queues: a job pushed after this claim saw
+        // its queue empty then always wakes the `wait` that follows.
+        inner.ensure_waker(&conn, req.queue).await?;
         let mut works = Vec::with_capacity(req.names.len());
         for name in req.names {
             works.push((
@@ -1003,11 +1110,13 @@ impl Backend for RabbitMqBackend {
 
     async fn finish(&self, batch: &[Finish]) -> Result<Vec<bool>> {
         let conn = self.inner.conn().await?;
-        let mut out = Vec::with_capacity(batch.len());
-        for f in batch {
-            out.push(self.inner.finish_one(&conn, f).await?);
-        }
-        Ok(out)
+        // Each item is independent (its own delivery): apply them concurrently. An item whose
+        // move failed was handed back to the broker (redelivered, so it runs again): it did
+        // not apply.
+        let results =
+            futures_util::future::join_all(batch.iter().map(|f| self.inner.finish_one(&conn, f)))
+                .await;
+        Ok(results.into_iter().map(|r| r.unwrap_or(false)).collect())
     }
 
     async fn heartbeat(
@@ -1029,6 +1138,12 @@ impl Backend for RabbitMqBackend {
     }
 
     async fn wait(&self, queue: &str, seen: u64, timeout: Duration) -> Result<u64> {
+        // Wake-ups from other handles and processes arrive on this connection's waker.
+        if let Some(conn) = self.inner.current() {
+            if let Err(e) = self.inner.ensure_waker(&conn, queue).await {
+                tracing::debug!(queue = %queue, error = %e, "cannot listen to wake-ups; polling");
+            }
+        }
         let signal = self.inner.signal(queue);
         let notified = signal.notify.notified();
         tokio::pin!(notified);
@@ -1065,6 +1180,7 @@ impl Backend for RabbitMqBackend {
                         if inner.relay(&conn, &meta, &d.data).await? {
                             report.promoted += 1;
                             inner.signal(queue).bump();
+                            inner.wake_others(&conn, queue).await;
                         }
                     }
                     d.acker
@@ -1181,6 +1297,7 @@ impl Backend for RabbitMqBackend {
             .await?;
         inner.find_dead(id).await?;
         inner.signal(&meta.queue).bump();
+        inner.wake_others(&conn, &meta.queue).await;
         Ok(true)
     }
 

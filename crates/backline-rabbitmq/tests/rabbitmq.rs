@@ -483,3 +483,41 @@ async fn an_unreachable_broker_is_a_connection_error() {
         other => panic!("expected a connection error, got {other:?}"),
     }
 }
+
+/// A job pushed by another handle (another connection, as another process would have) and a
+/// delayed job that comes due both wake a server whose poll interval is an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_from_another_handle_and_a_due_delay_wake_an_idle_server() {
+    let Some((h, server_side)) = fresh().await else {
+        return;
+    };
+    let producer = h.make(&h.current()).await;
+    let manager = JobManager::new(Arc::new(producer));
+    let rec = Recorder::new();
+    let running = JobServer::builder(Arc::new(server_side))
+        .register(TaskHandler::<Task>::new(rec.clone()))
+        .config(fast_config())
+        .configure(|c| {
+            c.poll_interval = Duration::from_secs(3600);
+            c.maintenance_interval = Duration::from_secs(3600);
+        })
+        .queue("default", 2)
+        .build()
+        .expect("server")
+        .start();
+    // The first job proves the server is up and idle after it.
+    manager.enqueue(Task::ok("first")).await.expect("enqueue");
+    rec.wait_until("the first job", |e| !e.is_empty()).await;
+    manager.enqueue(Task::ok("second")).await.expect("enqueue");
+    rec.wait_until("the second job", |e| e.len() >= 2).await;
+    manager
+        .enqueue_with(
+            Task::ok("delayed"),
+            EnqueueOptions::new().delay(Duration::from_millis(300)),
+        )
+        .await
+        .expect("enqueue");
+    rec.wait_until("the delayed job", |e| e.len() >= 3).await;
+    running.shutdown().await.expect("shutdown");
+    assert_eq!(rec.tags(), ["first", "second", "delayed"]);
+}
