@@ -4,126 +4,28 @@
 //! Each test gets its own table, so the tests run in parallel. Without a server the tests
 //! print a loud notice and pass, unless `BACKLINE_REQUIRE_SERVICES=1`.
 
-use std::sync::{Arc, Mutex};
+mod support;
 
-use backline_core::{Backend, EnqueueOptions, Error, JobManager};
+use backline_core::{EnqueueOptions, Error, JobManager};
 use backline_sql::{SqlBackend, SqlConfig};
 use backline_testkit::Task;
-use tokio::sync::OnceCell;
+use support::{fresh_table, Db};
+
+const DB: Db = Db::Postgres;
 
 fn url() -> String {
-    std::env::var("BACKLINE_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    DB.url()
 }
 
-static REACHABLE: OnceCell<bool> = OnceCell::const_new();
-
-/// Whether the server answers; drops test tables left over by runs more than an hour old.
 async fn reachable() -> bool {
-    *REACHABLE
-        .get_or_init(|| async {
-            let config = SqlConfig::new(url())
-                .with_table("backline_t_probe")
-                .with_max_connections(1)
-                .with_migrate_on_connect(false)
-                .with_connect_timeout(std::time::Duration::from_secs(5));
-            match SqlBackend::connect(config).await {
-                Ok(b) => {
-                    cleanup(&b).await;
-                    true
-                }
-                Err(e) => {
-                    let msg = format!(
-                        "PostgreSQL at {} is unreachable ({e}); start it (`cargo xtask services up`)",
-                        backline_core::redact_url(&url())
-                    );
-                    if backline_testkit::require_services() {
-                        panic!("{msg}");
-                    }
-                    eprintln!("\n!!!!!!!!!! SKIPPING POSTGRES TESTS: {msg} !!!!!!!!!!\n");
-                    false
-                }
-            }
-        })
-        .await
-}
-
-async fn cleanup(b: &SqlBackend) {
-    let Some(pool) = b.pg_pool() else { return };
-    let cutoff = chrono::Utc::now().timestamp() - 3600;
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'backline\\_t\\_%'",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap_or_default();
-    for t in tables {
-        let stamp = t
-            .strip_prefix("backline_t_")
-            .and_then(|r| r.split('_').next())
-            .and_then(|s| s.parse::<i64>().ok());
-        if stamp.is_some_and(|s| s < cutoff) {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {t}")))
-                .execute(pool)
-                .await;
-            let _ = sqlx::query("DELETE FROM backline_migrations WHERE table_name = $1")
-                .bind(&t)
-                .execute(pool)
-                .await;
-        }
-    }
-}
-
-fn fresh_table() -> String {
-    format!(
-        "backline_t_{}_{:08x}",
-        chrono::Utc::now().timestamp(),
-        fastrand::u32(..)
-    )
+    DB.reachable().await
 }
 
 async fn connect(table: &str) -> SqlBackend {
-    SqlBackend::connect(
-        SqlConfig::new(url())
-            .with_table(table)
-            .with_max_connections(5),
-    )
-    .await
-    .expect("connect to PostgreSQL")
+    DB.connect(table).await
 }
 
-/// A fresh table per backend; `twin` opens a second pool on the same table.
-struct PgHarness {
-    table: Mutex<Option<String>>,
-}
-
-async fn harness() -> Option<PgHarness> {
-    reachable().await.then(|| PgHarness {
-        table: Mutex::new(None),
-    })
-}
-
-#[async_trait::async_trait]
-impl backline_testkit::Harness for PgHarness {
-    async fn backend(&self) -> Arc<dyn Backend> {
-        let table = fresh_table();
-        let b = connect(&table).await;
-        *self.table.lock().expect("harness lock") = Some(table);
-        Arc::new(b)
-    }
-
-    async fn twin(&self, _backend: &Arc<dyn Backend>) -> Arc<dyn Backend> {
-        let table = self
-            .table
-            .lock()
-            .expect("harness lock")
-            .clone()
-            .expect("backend() before twin()");
-        Arc::new(connect(&table).await)
-    }
-}
-
-backline_testkit::conformance!(match harness().await {
+backline_testkit::conformance!(match DB.harness().await {
     Some(h) => h,
     None => return,
 });

@@ -1,0 +1,195 @@
+//! What the PostgreSQL and MySQL test binaries share: the server's URL, a reachability probe
+//! that also drops tables left by old runs, a fresh table per test, and the conformance
+//! harness. Each test binary compiles this module on its own and uses a part of it.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+
+use backline_core::Backend;
+use backline_sql::{SqlBackend, SqlConfig};
+use tokio::sync::OnceCell;
+
+/// A database server of the tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Db {
+    /// `BACKLINE_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`.
+    Postgres,
+    /// `BACKLINE_MYSQL_URL`, default `mysql://root@127.0.0.1:3306/test`.
+    Mysql,
+}
+
+impl Db {
+    /// The server's URL from the environment, or the loopback default.
+    pub(crate) fn url(self) -> String {
+        let (var, default) = match self {
+            Db::Postgres => (
+                "BACKLINE_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/test",
+            ),
+            Db::Mysql => ("BACKLINE_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
+        };
+        std::env::var(var).unwrap_or_else(|_| default.to_owned())
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Db::Postgres => "PostgreSQL",
+            Db::Mysql => "MySQL",
+        }
+    }
+
+    fn probe_cell(self) -> &'static OnceCell<bool> {
+        static POSTGRES: OnceCell<bool> = OnceCell::const_new();
+        static MYSQL: OnceCell<bool> = OnceCell::const_new();
+        match self {
+            Db::Postgres => &POSTGRES,
+            Db::Mysql => &MYSQL,
+        }
+    }
+
+    /// Whether the server answers (probed once per test binary); drops test tables left over
+    /// by runs more than an hour old. Without a server, a loud notice and `false`, or a panic
+    /// under `BACKLINE_REQUIRE_SERVICES=1`.
+    pub(crate) async fn reachable(self) -> bool {
+        *self
+            .probe_cell()
+            .get_or_init(|| async move {
+                let config = SqlConfig::new(self.url())
+                    .with_table("backline_t_probe")
+                    .with_max_connections(1)
+                    .with_migrate_on_connect(false)
+                    .with_connect_timeout(std::time::Duration::from_secs(5));
+                match SqlBackend::connect(config).await {
+                    Ok(b) => {
+                        self.drop_old_tables(&b).await;
+                        true
+                    }
+                    Err(e) => {
+                        let msg = format!(
+                            "{} at {} is unreachable ({e}); start it (`cargo xtask services up`)",
+                            self.label(),
+                            backline_core::redact_url(&self.url())
+                        );
+                        if backline_testkit::require_services() {
+                            panic!("{msg}");
+                        }
+                        eprintln!(
+                            "\n!!!!!!!!!! SKIPPING {} TESTS: {msg} !!!!!!!!!!\n",
+                            self.label().to_uppercase()
+                        );
+                        false
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Drops the `backline_t_<unix seconds>_…` tables older than an hour, and their migration
+    /// records.
+    async fn drop_old_tables(self, b: &SqlBackend) {
+        let cutoff = chrono::Utc::now().timestamp() - 3600;
+        let old = |tables: Vec<String>| -> Vec<String> {
+            tables
+                .into_iter()
+                .filter(|t| {
+                    t.strip_prefix("backline_t_")
+                        .and_then(|r| r.split('_').next())
+                        .and_then(|s| s.parse::<i64>().ok())
+                        .is_some_and(|s| s < cutoff)
+                })
+                .collect()
+        };
+        match self {
+            Db::Postgres => {
+                let Some(pool) = b.pg_pool() else { return };
+                let tables: Vec<String> = sqlx::query_scalar(
+                    "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'backline\\_t\\_%'",
+                )
+                .fetch_all(pool)
+                .await
+                .unwrap_or_default();
+                for t in old(tables) {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {t}")))
+                        .execute(pool)
+                        .await;
+                    let _ = sqlx::query("DELETE FROM backline_migrations WHERE table_name = $1")
+                        .bind(&t)
+                        .execute(pool)
+                        .await;
+                }
+            }
+            Db::Mysql => {
+                let Some(pool) = b.mysql_pool() else { return };
+                let tables: Vec<String> = sqlx::query_scalar(
+                    "SELECT CAST(table_name AS CHAR) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name LIKE 'backline\\_t\\_%'",
+                )
+                .fetch_all(pool)
+                .await
+                .unwrap_or_default();
+                for t in old(tables) {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {t}")))
+                        .execute(pool)
+                        .await;
+                    let _ = sqlx::query("DELETE FROM backline_migrations WHERE table_name = ?")
+                        .bind(&t)
+                        .execute(pool)
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// A backend on `table` (migrated on connect), with a pool of 5.
+    pub(crate) async fn connect(self, table: &str) -> SqlBackend {
+        SqlBackend::connect(
+            SqlConfig::new(self.url())
+                .with_table(table)
+                .with_max_connections(5),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", self.label()))
+    }
+
+    /// The conformance harness, if the server answers.
+    pub(crate) async fn harness(self) -> Option<SqlHarness> {
+        self.reachable().await.then(|| SqlHarness {
+            db: self,
+            table: Mutex::new(None),
+        })
+    }
+}
+
+/// A table name no other test uses: `backline_t_<unix seconds>_<random>`.
+pub(crate) fn fresh_table() -> String {
+    format!(
+        "backline_t_{}_{:08x}",
+        chrono::Utc::now().timestamp(),
+        fastrand::u32(..)
+    )
+}
+
+/// A fresh table per backend; `twin` opens a second pool on the same table.
+pub(crate) struct SqlHarness {
+    db: Db,
+    table: Mutex<Option<String>>,
+}
+
+#[async_trait::async_trait]
+impl backline_testkit::Harness for SqlHarness {
+    async fn backend(&self) -> Arc<dyn Backend> {
+        let table = fresh_table();
+        let b = self.db.connect(&table).await;
+        *self.table.lock().expect("harness lock") = Some(table);
+        Arc::new(b)
+    }
+
+    async fn twin(&self, _backend: &Arc<dyn Backend>) -> Arc<dyn Backend> {
+        let table = self
+            .table
+            .lock()
+            .expect("harness lock")
+            .clone()
+            .expect("backend() before twin()");
+        Arc::new(self.db.connect(&table).await)
+    }
+}
