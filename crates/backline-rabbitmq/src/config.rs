@@ -118,7 +118,9 @@ impl RabbitMqConfig {
         self
     }
 
-    /// The most unacknowledged deliveries on the claim channel (`basic.qos`, default 100).
+    /// The prefetch (`basic.qos`, default 100) of the consumers this handle runs: the delay
+    /// relay of each queue it claims from. Claims themselves pull with `basic.get`, so a handle
+    /// never holds more jobs than its server asked for (its claim batch and concurrency).
     pub fn with_prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = prefetch.max(1);
         self

@@ -157,6 +157,14 @@ fn unsupported(what: &'static str) -> Error {
     }
 }
 
+/// `now + d`, saturating at the largest instant instead of overflowing.
+fn later(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// The step of the ladder a message waits in: the largest TTL not past `remaining`.
 fn step_for(remaining: Duration) -> u32 {
     let ms = remaining.as_millis().max(1);
@@ -472,6 +480,8 @@ impl Inner {
             match opened {
                 Ok(c) => {
                     lock(&self.declared).clear();
+                    // Deliveries of the old connection are the broker's again: forget them.
+                    lock(&self.held).retain(|_, h| h.generation == c.generation);
                     let c = Arc::new(c);
                     *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
                     tracing::info!(url = %redact_url(&self.config.url), "connected to RabbitMQ");
@@ -820,7 +830,7 @@ impl Inner {
             d.data.clone(),
             JobState::Running,
             meta.attempt + 1,
-            Some(now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX)),
+            Some(later(now, lease)),
         );
         lock(&self.held).insert(
             meta.id,
@@ -858,8 +868,7 @@ impl Inner {
                 meta.attempt = attempt;
                 meta.last_error = Some(error.clone());
                 let now = Utc::now();
-                meta.run_at =
-                    now + chrono::Duration::from_std(*delay).unwrap_or(chrono::Duration::MAX);
+                meta.run_at = later(now, *delay);
                 match self.route(conn, &meta, now).await {
                     Ok((target, _)) => {
                         self.publish_confirmed(conn, &target, &meta, &h.payload)
@@ -1028,9 +1037,7 @@ impl Backend for RabbitMqBackend {
             inner.ensure_work(&conn, &job.queue, &job.name).await?;
             let run_at = match job.run_at {
                 RunAt::Now => now,
-                RunAt::After(d) => {
-                    now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-                }
+                RunAt::After(d) => later(now, d),
                 RunAt::At(t) => t,
             };
             let meta = Meta::new(job, now, run_at);
@@ -1190,9 +1197,14 @@ impl Backend for RabbitMqBackend {
                 }
             }
             // Retention of dead letters: the oldest are at the head of the queue.
-            let ttl = chrono::Duration::from_std(m.dead_ttl).unwrap_or(chrono::Duration::MAX);
-            let cutoff = Utc::now() - ttl;
-            if inner.is_declared(&inner.dead_name(queue)) {
+            let cutoff = chrono::Duration::from_std(m.dead_ttl)
+                .ok()
+                .and_then(|ttl| Utc::now().checked_sub_signed(ttl))
+                .unwrap_or(DateTime::<Utc>::MIN_UTC);
+            let dead = inner.dead_name(queue);
+            if inner.is_declared(&dead)
+                && inner.declare(&conn, &dead, FieldTable::default()).await? > 0
+            {
                 let mut pruned = 0u64;
                 inner
                     .scan_dead(queue, m.batch, |meta, _| {
@@ -1377,6 +1389,16 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_delay_saturates() {
+        let now = Utc::now();
+        assert_eq!(later(now, Duration::MAX), DateTime::<Utc>::MAX_UTC);
+        assert_eq!(
+            later(now, Duration::from_secs(1)),
+            now + chrono::Duration::seconds(1)
+        );
+    }
 
     #[test]
     fn the_ladder_never_waits_past_the_due_time() {
