@@ -96,16 +96,31 @@ struct Conn {
     publish: Channel,
     /// Claims (`basic.get`) and their acks.
     claim: Channel,
-    /// Declarations and purges.
-    admin: Channel,
+    /// Declarations, purges and wake-ups. A refused declaration (other arguments) closes only
+    /// this channel: it is reopened on its own, and the claimed jobs keep their leases.
+    admin: Mutex<Channel>,
 }
 
 impl Conn {
+    /// The admin channel, reopened if the broker closed it.
+    async fn admin(&self) -> Result<Channel> {
+        let ch = lock(&self.admin).clone();
+        if ch.status().connected() {
+            return Ok(ch);
+        }
+        let fresh = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| conn_err("channel.open", e))?;
+        *lock(&self.admin) = fresh.clone();
+        Ok(fresh)
+    }
+
     fn healthy(&self) -> bool {
         self.connection.status().connected()
             && self.publish.status().connected()
             && self.claim.status().connected()
-            && self.admin.status().connected()
     }
 }
 
@@ -139,6 +154,17 @@ fn conn_err(op: &'static str, e: impl std::error::Error + Send + Sync + 'static)
         backend: BACKEND,
         op,
         source: Box::new(e),
+    }
+}
+
+/// A refused declaration (the queue exists with other arguments, e.g. another queue kind) is
+/// a configuration problem, not a lost connection.
+fn declare_err(name: &str, e: lapin::Error) -> Error {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Error::Config(format!(
+            "RabbitMQ refused to declare queue {name}: {amqp} (does it exist with other arguments, such as another queue kind?)"
+        )),
+        _ => conn_err("queue.declare", e),
     }
 }
 
@@ -233,7 +259,8 @@ impl RabbitMqBackend {
         let mut n = 0u64;
         for q in self.declared_queues() {
             n += u64::from(
-                conn.admin
+                conn.admin()
+                    .await?
                     .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                     .await
                     .map_err(|e| conn_err("queue.delete", e))?,
@@ -314,8 +341,10 @@ impl Inner {
         if key.len() > MAX_QUEUE_NAME {
             return;
         }
-        let sent = conn
-            .admin
+        let Ok(admin) = conn.admin().await else {
+            return;
+        };
+        let sent = admin
             .basic_publish(
                 WAKE_EXCHANGE.into(),
                 key.as_str().into(),
@@ -534,7 +563,7 @@ impl Inner {
             connection,
             publish,
             claim,
-            admin,
+            admin: Mutex::new(admin),
         })
     }
 
@@ -545,7 +574,8 @@ impl Inner {
             )));
         }
         let q = conn
-            .admin
+            .admin()
+            .await?
             .queue_declare(
                 name.into(),
                 QueueDeclareOptions {
@@ -555,7 +585,7 @@ impl Inner {
                 args,
             )
             .await
-            .map_err(|e| conn_err("queue.declare", e))?;
+            .map_err(|e| declare_err(name, e))?;
         lock(&self.declared).insert(name.to_owned());
         lock(&self.ever_declared).insert(name.to_owned());
         Ok(q.message_count())
@@ -1341,7 +1371,8 @@ impl Backend for RabbitMqBackend {
                     inner.declare(&conn, &t, inner.work_args()).await?;
                 }
                 n += u64::from(
-                    conn.admin
+                    conn.admin()
+                        .await?
                         .queue_purge(t.as_str().into(), QueuePurgeOptions::default())
                         .await
                         .map_err(|e| conn_err("queue.purge", e))?,

@@ -521,3 +521,60 @@ async fn a_push_from_another_handle_and_a_due_delay_wake_an_idle_server() {
     running.shutdown().await.expect("shutdown");
     assert_eq!(rec.tags(), ["first", "second", "delayed"]);
 }
+
+/// A queue that exists with other arguments (here: quorum, while this handle declares classic
+/// queues) refuses the declaration with a configuration error, and the jobs this handle holds
+/// keep their leases (only the declaring channel is closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_declaration_costs_no_lease() {
+    let Some((h, classic)) = fresh().await else {
+        return;
+    };
+    let prefix = h.current();
+    let quorum = RabbitMqBackend::connect(
+        RabbitMqConfig::new(url())
+            .with_prefix(&prefix)
+            .with_queue_kind(QueueKind::Quorum { delivery_limit: 3 }),
+    )
+    .await
+    .expect("connect");
+    h.backends
+        .lock()
+        .expect("harness lock")
+        .push(quorum.clone());
+    let held_id = JobManager::new(Arc::new(classic.clone()))
+        .enqueue(Task::ok("held"))
+        .await
+        .expect("enqueue");
+    let held = claim(&classic, 1).await.pop().expect("claimed");
+    JobManager::new(Arc::new(quorum))
+        .enqueue_with(Task::ok("quorum"), EnqueueOptions::new().queue("beta"))
+        .await
+        .expect("enqueue on quorum");
+    match JobManager::new(Arc::new(classic.clone()))
+        .enqueue_with(Task::ok("refused"), EnqueueOptions::new().queue("beta"))
+        .await
+    {
+        Err(e @ Error::Config(_)) => assert!(e.to_string().contains("beta"), "{e}"),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    assert_eq!(
+        classic
+            .heartbeat(&[(held_id, held.token)], Duration::from_secs(30))
+            .await
+            .expect("heartbeat"),
+        [true]
+    );
+    assert_eq!(
+        classic
+            .finish(&[Finish {
+                id: held_id,
+                token: held.token,
+                outcome: Outcome::Succeeded { keep: false },
+            }])
+            .await
+            .expect("finish"),
+        [true],
+        "the lease held"
+    );
+}
