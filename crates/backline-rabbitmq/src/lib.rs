@@ -99,6 +99,10 @@ struct Conn {
     /// Declarations, purges and wake-ups. A refused declaration (other arguments) closes only
     /// this channel: it is reopened on its own, and the claimed jobs keep their leases.
     admin: Mutex<Channel>,
+    /// The delay relays' consumers (one per landing queue), opened on first use.
+    relay: tokio::sync::OnceCell<Channel>,
+    /// The wake-up listener: one exclusive queue, bound once per waited-on queue.
+    waker: tokio::sync::OnceCell<(Channel, String)>,
 }
 
 impl Conn {
@@ -121,6 +125,8 @@ impl Conn {
         self.connection.status().connected()
             && self.publish.status().connected()
             && self.claim.status().connected()
+            && self.relay.get().is_none_or(|c| c.status().connected())
+            && self.waker.get().is_none_or(|(c, _)| c.status().connected())
     }
 }
 
@@ -368,6 +374,27 @@ impl Inner {
         if key.len() > MAX_QUEUE_NAME {
             return Ok(());
         }
+        let (channel, listener) = conn
+            .waker
+            .get_or_try_init(|| self.start_waker(conn))
+            .await?;
+        channel
+            .queue_bind(
+                listener.as_str().into(),
+                WAKE_EXCHANGE.into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| conn_err("queue.bind", e))?;
+        lock(&self.wakers).insert(queue.to_owned(), conn.generation);
+        Ok(())
+    }
+
+    /// Opens this connection's wake-up listener: an exclusive, auto-deleted queue consumed
+    /// without acks; a message's routing key names the queue whose signal it bumps.
+    async fn start_waker(self: &Arc<Self>, conn: &Conn) -> Result<(Channel, String)> {
         let channel = conn
             .connection
             .create_channel()
@@ -385,16 +412,6 @@ impl Inner {
             )
             .await
             .map_err(|e| conn_err("queue.declare", e))?;
-        channel
-            .queue_bind(
-                q.name().clone(),
-                WAKE_EXCHANGE.into(),
-                key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| conn_err("queue.bind", e))?;
         let mut consumer = channel
             .basic_consume(
                 q.name().clone(),
@@ -407,24 +424,21 @@ impl Inner {
             )
             .await
             .map_err(|e| conn_err("basic.consume", e))?;
-        lock(&self.wakers).insert(queue.to_owned(), conn.generation);
         let weak: Weak<Inner> = Arc::downgrade(self);
-        let queue = queue.to_owned();
-        let generation = conn.generation;
+        let head = format!("{}.", self.config.prefix);
         tokio::spawn(async move {
-            while let Some(Ok(_)) = consumer.next().await {
+            while let Some(Ok(d)) = consumer.next().await {
                 let Some(inner) = weak.upgrade() else { break };
-                inner.signal(&queue).bump();
-            }
-            if let Some(inner) = weak.upgrade() {
-                let mut wakers = lock(&inner.wakers);
-                if wakers.get(&queue) == Some(&generation) {
-                    wakers.remove(&queue);
+                let key = d.routing_key.as_str();
+                if let Some(queue) = key
+                    .strip_prefix(head.as_str())
+                    .and_then(|k| k.strip_suffix(".~wake"))
+                {
+                    inner.signal(queue).bump();
                 }
             }
-            let _ = channel.close(200, "wake-ups stopped".into()).await;
         });
-        Ok(())
+        Ok((channel, q.name().as_str().to_owned()))
     }
 
     fn signal(&self, queue: &str) -> Arc<Signal> {
@@ -564,6 +578,8 @@ impl Inner {
             publish,
             claim,
             admin: Mutex::new(admin),
+            relay: tokio::sync::OnceCell::new(),
+            waker: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -740,14 +756,20 @@ impl Inner {
         let landing = self.landing_name(queue);
         self.ensure_plain(conn, &landing).await?;
         let channel = conn
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| conn_err("channel.open", e))?;
-        channel
-            .basic_qos(self.config.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| conn_err("basic.qos", e))?;
+            .relay
+            .get_or_try_init(|| async {
+                let channel = conn
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| conn_err("channel.open", e))?;
+                channel
+                    .basic_qos(self.config.prefetch, BasicQosOptions::default())
+                    .await
+                    .map_err(|e| conn_err("basic.qos", e))?;
+                Ok::<Channel, Error>(channel)
+            })
+            .await?;
         let mut consumer = channel
             .basic_consume(
                 landing.as_str().into(),
@@ -790,8 +812,17 @@ impl Inner {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(queue = %queue, error = %e, "delay relay failed; the message stays in the landing queue");
-                        break;
+                        // Back to the landing queue; try again after a pause, never in a loop.
+                        tracing::warn!(queue = %queue, error = %e, "delay relay failed; retrying in a second");
+                        let _ = delivery
+                            .acker
+                            .nack(BasicNackOptions {
+                                multiple: false,
+                                requeue: true,
+                            })
+                            .await;
+                        drop(inner);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
             }
@@ -801,7 +832,6 @@ impl Inner {
                     relays.remove(&queue);
                 }
             }
-            let _ = channel.close(200, "relay stopped".into()).await;
         });
         Ok(())
     }
