@@ -578,3 +578,60 @@ async fn a_refused_declaration_costs_no_lease() {
         "the lease held"
     );
 }
+
+/// Claiming from 200 queues opens a fixed handful of channels, not one per queue (a broker
+/// allows 2,047 per connection by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_queues_share_a_few_channels() {
+    let Some(h) = harness().await else { return };
+    let prefix = fresh_prefix();
+    h.prefixes
+        .lock()
+        .expect("harness lock")
+        .push(prefix.clone());
+    let name = format!("{prefix}-channels");
+    let b = RabbitMqBackend::connect(
+        RabbitMqConfig::new(url())
+            .with_prefix(&prefix)
+            .with_connection_name(&name),
+    )
+    .await
+    .expect("connect");
+    h.backends.lock().expect("harness lock").push(b.clone());
+    for i in 0..200 {
+        let queue = format!("q{i:03}");
+        let got = b
+            .claim(ClaimRequest {
+                queue: &queue,
+                names: &task_names(),
+                limit: 1,
+                lease: Duration::from_secs(30),
+            })
+            .await
+            .expect("claim");
+        assert!(got.is_empty());
+    }
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "channels",
+            "client_properties",
+        ])
+        .output()
+        .await
+        .expect("run rabbitmqctl");
+    let needle = format!("{{\"connection_name\",\"{name}\"}}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(&needle))
+        .expect("our connection is listed");
+    let channels: u32 = line
+        .split_whitespace()
+        .next()
+        .and_then(|c| c.parse().ok())
+        .expect("a channel count");
+    assert!(channels <= 6, "{channels} channels for 200 queues");
+}
