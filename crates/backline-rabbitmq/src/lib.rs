@@ -502,10 +502,10 @@ impl Inner {
             );
             // Jobs held on the old channels are the broker's again once it closes.
             if old.connection.status().connected() {
-                let _ = old
+                let closing = old
                     .connection
-                    .close(200, "reconnecting after a channel error".into())
-                    .await;
+                    .close(200, "reconnecting after a channel error".into());
+                let _ = tokio::time::timeout(self.config.connect_timeout, closing).await;
             }
         }
         let mut delay = Duration::from_millis(100);
