@@ -49,6 +49,7 @@ pub struct RabbitMqConfig {
     pub(crate) prefetch: u16,
     pub(crate) connect_timeout: Duration,
     pub(crate) reconnect_attempts: u32,
+    pub(crate) confirm_timeout: Duration,
     pub(crate) known_jobs: Vec<(String, String)>,
 }
 
@@ -63,6 +64,7 @@ impl std::fmt::Debug for RabbitMqConfig {
             .field("prefetch", &self.prefetch)
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect_attempts", &self.reconnect_attempts)
+            .field("confirm_timeout", &self.confirm_timeout)
             .field("known_jobs", &self.known_jobs)
             .finish()
     }
@@ -82,6 +84,7 @@ impl RabbitMqConfig {
             prefetch: 100,
             connect_timeout: Duration::from_secs(5),
             reconnect_attempts: 3,
+            confirm_timeout: Duration::from_secs(30),
             known_jobs: Vec::new(),
         }
     }
@@ -136,6 +139,15 @@ impl RabbitMqConfig {
     /// [`Error::Connection`] (default 3; 0 fails at once).
     pub fn with_reconnect_attempts(mut self, attempts: u32) -> Self {
         self.reconnect_attempts = attempts;
+        self
+    }
+
+    /// How long a publish waits for the broker's confirm (default 30 s) before it fails with
+    /// [`Error::Timeout`]: a broker that stopped answering (a network partition, a memory or
+    /// disk alarm blocking publishers) fails an `enqueue` instead of hanging it. The message
+    /// may still have been stored: an `enqueue` retried after a time-out can store it twice.
+    pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
         self
     }
 

@@ -711,8 +711,16 @@ impl Inner {
             .map_err(|e| conn_err("basic.publish", e))
     }
 
-    async fn confirmed(confirm: lapin::PublisherConfirm, routing_key: &str) -> Result<()> {
-        match confirm.await.map_err(|e| conn_err("publish confirm", e))? {
+    async fn confirmed(&self, confirm: lapin::PublisherConfirm, routing_key: &str) -> Result<()> {
+        let after = self.config.confirm_timeout;
+        let confirmation = tokio::time::timeout(after, confirm)
+            .await
+            .map_err(|_| Error::Timeout {
+                op: "publish confirm",
+                after,
+            })?
+            .map_err(|e| conn_err("publish confirm", e))?;
+        match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(backend_err(
                 "basic.publish",
@@ -738,7 +746,7 @@ impl Inner {
         payload: &[u8],
     ) -> Result<()> {
         let c = self.publish(conn, routing_key, meta, payload).await?;
-        Self::confirmed(c, routing_key).await
+        self.confirmed(c, routing_key).await
     }
 
     /// Moves a waiting message on: to its work queue if due, else down the ladder.
@@ -1110,7 +1118,7 @@ impl Backend for RabbitMqBackend {
             ids.push(job.id);
         }
         for (confirm, target) in pending {
-            Inner::confirmed(confirm, &target).await?;
+            inner.confirmed(confirm, &target).await?;
         }
         for q in woken {
             inner.signal(&q).bump();
