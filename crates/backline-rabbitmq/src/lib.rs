@@ -986,7 +986,8 @@ impl Inner {
     }
 
     /// Browses up to `limit` dead letters of `queue` on a channel of its own (closed after, so
-    /// every message goes back in place); `act` picks the one to take (ack) and what to do.
+    /// every message goes back in place); `visit` says, per message, whether to take it (ack)
+    /// and whether to go on.
     async fn scan_dead<F>(&self, queue: &str, limit: usize, mut visit: F) -> Result<()>
     where
         F: FnMut(&Meta, &[u8]) -> ScanStep,
@@ -1037,7 +1038,7 @@ impl Inner {
         result
     }
 
-    /// Finds a dead job by id; `take` acks it (then it is gone from the dead letters).
+    /// Finds a dead job by id and takes it (acks it: it is gone from the dead letters).
     async fn find_dead(&self, id: JobId) -> Result<Option<(Meta, Vec<u8>)>> {
         for (queue, _) in self.known_queues(None) {
             let mut found = None;
