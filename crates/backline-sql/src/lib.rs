@@ -56,6 +56,14 @@ pub struct SqlBackend {
 pub(crate) trait DriverOps: Backend {
     async fn migrate(&self) -> Result<()>;
     async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String>;
+    /// The generic plan of the batched finish (PostgreSQL only: elsewhere the finish is
+    /// plain `… WHERE id IN (…)` statements).
+    async fn explain_finish(&self) -> Result<String> {
+        Err(Error::Unsupported {
+            backend: self.name(),
+            what: "explain_finish",
+        })
+    }
     fn claim_index_name(&self) -> String;
 }
 
@@ -226,6 +234,13 @@ impl SqlBackend {
     /// that it reads the claim index.
     pub async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
         self.ops.explain_claim(queue, names).await
+    }
+
+    /// The plan PostgreSQL settles on for the batched finish of a prepared statement (its
+    /// generic plan), to check that it finds jobs through the primary key; `Unsupported` on the
+    /// other databases.
+    pub async fn explain_finish(&self) -> Result<String> {
+        self.ops.explain_finish().await
     }
 
     /// The name of the claim index (`{table}_claim`).

@@ -504,33 +504,52 @@ impl PgBackend {
         Ok(())
     }
 
-    /// The claim's generic plan: the one a prepared statement settles on after a few runs,
-    /// which does not see the batch size (a custom plan would hide a bad generic one).
-    pub(crate) async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
-        let err = map_err(NAME, "explain the claim");
+    /// The generic plan of `query` (an `EXPLAIN …` with its parameters bound): the plan a
+    /// prepared statement settles on after a few runs, which does not see the parameters'
+    /// values (a custom plan, made for a batch of 100, would hide a bad generic one).
+    async fn generic_plan(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        op: &'static str,
+    ) -> Result<String> {
+        let err = map_err(NAME, op);
         let mut tx = self.pool.begin().await.map_err(&err)?;
         sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
             .execute(&mut *tx)
             .await
             .map_err(&err)?;
-        let sql = format!("EXPLAIN {}", self.sql.claim);
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(queue)
-            .bind(names)
-            .bind(100i64)
-            .bind(0i64)
-            .bind(1_000_000i64)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(&err)?;
+        let rows = query.fetch_all(&mut *tx).await.map_err(&err)?;
         tx.rollback().await.map_err(&err)?;
         let mut plan = String::new();
         for r in rows {
-            let line: String = r.try_get(0).map_err(map_err(NAME, "explain the claim"))?;
+            let line: String = r.try_get(0).map_err(&err)?;
             plan.push_str(&line);
             plan.push('\n');
         }
         Ok(plan)
+    }
+
+    /// The claim's generic plan.
+    pub(crate) async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
+        let query = sqlx::query(AssertSqlSafe(format!("EXPLAIN {}", self.sql.claim)))
+            .bind(queue.to_owned())
+            .bind(names.to_vec())
+            .bind(100i64)
+            .bind(0i64)
+            .bind(1_000_000i64);
+        self.generic_plan(query, "explain the claim").await
+    }
+
+    /// The finish statement's generic plan.
+    pub(crate) async fn explain_finish(&self) -> Result<String> {
+        let query = sqlx::query(AssertSqlSafe(format!("EXPLAIN {}", self.sql.finish)))
+            .bind(Vec::<uuid::Uuid>::new())
+            .bind(Vec::<i64>::new())
+            .bind(Vec::<String>::new())
+            .bind(Vec::<i64>::new())
+            .bind(Vec::<String>::new())
+            .bind(self.channel.clone());
+        self.generic_plan(query, "explain the finish").await
     }
 
     pub(crate) fn claim_index_name(&self) -> String {
@@ -638,6 +657,10 @@ impl crate::DriverOps for PgBackend {
 
     async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
         PgBackend::explain_claim(self, queue, names).await
+    }
+
+    async fn explain_finish(&self) -> Result<String> {
+        PgBackend::explain_finish(self).await
     }
 
     fn claim_index_name(&self) -> String {

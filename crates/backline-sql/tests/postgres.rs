@@ -93,6 +93,43 @@ async fn the_claim_reads_the_claim_index_without_sorting() {
     );
 }
 
+/// The batched finish finds its jobs through the primary key, also in the generic plan a
+/// prepared statement settles on: not through the partial lease index (whose dead entries pile
+/// up during a drain) and never by a scan of the table, so a drain keeps its rate at any depth.
+#[tokio::test]
+async fn the_finish_finds_jobs_through_the_primary_key() {
+    if !reachable().await {
+        return;
+    }
+    let b = connect(&fresh_table()).await;
+    let manager = JobManager::new(b.clone());
+    for chunk in 0..10 {
+        manager
+            .enqueue_batch((0..1000).map(|i| Task::ok(format!("{chunk}-{i}"))))
+            .await
+            .expect("enqueue");
+    }
+    let pool = b.pg_pool().expect("postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {}", b.table())))
+        .execute(pool)
+        .await
+        .expect("analyze");
+    let plan = b.explain_finish().await.expect("explain");
+    let name = b.table().name().to_owned();
+    assert!(
+        plan.contains(&format!("{name}_pkey")),
+        "the finish does not use the primary key:\n{plan}"
+    );
+    assert!(
+        !plan.contains(&format!("{name}_lease")),
+        "the finish reads the lease index:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Seq Scan"),
+        "the finish scans the whole table:\n{plan}"
+    );
+}
+
 #[tokio::test]
 async fn a_table_name_that_could_inject_sql_is_refused() {
     for bad in [
