@@ -29,6 +29,11 @@
 //! prints raw rates of the same server (see the `redis_rows` module): `SET` and a two-write
 //! `EVALSHA` from 32 tasks, pipelined writes, and a `ZPOPMIN` + `UNLINK` drain.
 //!
+//! RabbitMQ (`rabbitmq`: `backline-rabbitmq` on `BACKLINE_AMQP_URL`, a fresh queue prefix per
+//! run, its queues deleted after it) enqueues 20,000 jobs one by one, drains 10,000 at
+//! concurrency 1, has no kept row (succeeded jobs are acked away), measures latency at 500
+//! jobs/s, and prints raw lapin rates (see the `rabbitmq_rows` module).
+//!
 //! It prints a table and writes `target/bench/<provider>.json` (or under `CARGO_TARGET_DIR`).
 //! `--quick` runs the same rows on 10,000 jobs, one run each, for a smoke test.
 //!
@@ -44,6 +49,7 @@
 
 mod measure;
 mod memory;
+mod rabbitmq_rows;
 mod redis_rows;
 mod report;
 mod sql;
@@ -79,6 +85,8 @@ enum Provider {
     Mysql,
     /// `backline-redis` (`BACKLINE_REDIS_URL`), a fresh key prefix per run.
     Redis,
+    /// `backline-rabbitmq` (`BACKLINE_AMQP_URL`), a fresh queue prefix per run.
+    Rabbitmq,
 }
 
 impl Provider {
@@ -89,6 +97,7 @@ impl Provider {
         Provider::Sqlite,
         Provider::Mysql,
         Provider::Redis,
+        Provider::Rabbitmq,
     ];
 
     /// The name on the command line and in the JSON file name.
@@ -99,6 +108,7 @@ impl Provider {
             Provider::Sqlite => "sqlite",
             Provider::Mysql => "mysql",
             Provider::Redis => "redis",
+            Provider::Rabbitmq => "rabbitmq",
         }
     }
 
@@ -110,7 +120,7 @@ impl Provider {
     /// The SQL database behind this provider, if any.
     fn sql(self) -> Option<sql::Db> {
         match self {
-            Provider::Memory | Provider::Redis => None,
+            Provider::Memory | Provider::Redis | Provider::Rabbitmq => None,
             Provider::Postgres => Some(sql::Db::Postgres),
             Provider::Sqlite => Some(sql::Db::Sqlite),
             Provider::Mysql => Some(sql::Db::Mysql),
@@ -141,6 +151,16 @@ impl Provider {
             plan.single_jobs = if plan.quick { 2_000 } else { 20_000 };
             plan.rate = 1_000;
         }
+        if self == Provider::Rabbitmq {
+            // A confirm round trip per enqueue: 20k jobs. One claim (basic.get) per job at
+            // concurrency 1: 10k jobs, one run. Succeeded jobs are never kept (no kept row).
+            // Latency at 500 jobs/s (issue 5's rate).
+            plan.single_jobs = if plan.quick { 2_000 } else { 20_000 };
+            plan.drain_overrides
+                .push((1, if plan.quick { 1_000 } else { 10_000 }, 1));
+            plan.kept_runs = 0;
+            plan.rate = 500;
+        }
         if self == Provider::Mysql && !plan.quick {
             plan.kept_runs = 1;
         }
@@ -155,6 +175,16 @@ impl Provider {
                 backend: Arc::new(fresh.backend.clone()),
                 table: None,
                 prefix: Some(fresh),
+                queues: None,
+            });
+        }
+        if self == Provider::Rabbitmq {
+            let fresh = rabbitmq_rows::FreshPrefix::create().await?;
+            return Ok(Fresh {
+                backend: Arc::new(fresh.backend.clone()),
+                table: None,
+                prefix: None,
+                queues: Some(fresh),
             });
         }
         match self.sql() {
@@ -162,6 +192,7 @@ impl Provider {
                 backend: Arc::new(backline_memory::MemoryBackend::new()),
                 table: None,
                 prefix: None,
+                queues: None,
             }),
             Some(db) => {
                 let table = sql::FreshTable::create(db).await?;
@@ -169,6 +200,7 @@ impl Provider {
                     backend: Arc::new(table.backend.clone()),
                     table: Some(table),
                     prefix: None,
+                    queues: None,
                 })
             }
         }
@@ -178,6 +210,7 @@ impl Provider {
     async fn raw_rows(self, plan: &Plan) -> Result<Vec<Row>> {
         match self.sql() {
             None if self == Provider::Redis => redis_rows::raw_rows(plan).await,
+            None if self == Provider::Rabbitmq => rabbitmq_rows::raw_rows(plan).await,
             None => memory::raw_rows(plan).await,
             Some(db) => sql::raw_rows(db, plan).await,
         }
@@ -192,6 +225,8 @@ struct Fresh {
     table: Option<sql::FreshTable>,
     /// The Redis key prefix made for this run.
     prefix: Option<redis_rows::FreshPrefix>,
+    /// The RabbitMQ queues made for this run.
+    queues: Option<rabbitmq_rows::FreshPrefix>,
 }
 
 impl Fresh {
@@ -203,6 +238,9 @@ impl Fresh {
         }
         if let Some(p) = self.prefix {
             p.dispose().await;
+        }
+        if let Some(q) = self.queues {
+            q.dispose().await;
         }
     }
 }

@@ -174,7 +174,7 @@ pub(crate) async fn rows(provider: Provider, plan: &Plan) -> Result<Vec<Row>> {
             runs,
         ));
     }
-    if let Some(&c) = plan.concurrencies.last() {
+    if let (Some(&c), true) = (plan.concurrencies.last(), plan.kept_runs > 0) {
         let keep = ServerConfig::default().succeeded_ttl;
         let shape = Drain {
             keep,

@@ -1,0 +1,278 @@
+//! The RabbitMQ provider: a fresh queue prefix per run (its queues deleted after it), and the
+//! raw limits of the same broker measured in the same run with plain lapin:
+//!
+//! - **confirmed publishes**: persistent messages with `mandatory`, 1,000 outstanding confirms
+//!   at a time (beside batch enqueue), once with a bare message and once with the ten properties
+//!   and headers a Backline job carries (id, name, queue, attempt, limits, times), which the
+//!   broker decodes on a priority queue: the gap between the two is the broker's, not Backline's;
+//! - **publish, then await its confirm**, from 32 tasks on one channel (beside enqueue one by one);
+//! - **consume with manual acks**, prefetch 100, one ack per message (beside the drain).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use backline_rabbitmq::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use backline_rabbitmq::lapin::types::{AMQPValue, FieldTable, ShortString};
+use backline_rabbitmq::lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use backline_rabbitmq::{RabbitMqBackend, RabbitMqConfig};
+use futures_util::StreamExt;
+use tokio::task::JoinSet;
+
+use crate::report::{thousands, Row, Unit};
+use crate::{Plan, Result};
+
+/// `BACKLINE_AMQP_URL`, or the loopback broker.
+fn url() -> String {
+    std::env::var("BACKLINE_AMQP_URL").unwrap_or_else(|_| backline_rabbitmq::DEFAULT_URL.to_owned())
+}
+
+/// A queue prefix no other run uses: `backline-bench-<unix seconds>-<pid>-<counter>`.
+fn unique_prefix() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "backline-bench-{secs}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn unreachable(e: impl std::fmt::Display) -> crate::Error {
+    format!(
+        "cannot reach RabbitMQ at {} ({e}); start it (`cargo xtask services up`) or set BACKLINE_AMQP_URL",
+        backline_core::redact_url(&url())
+    )
+    .into()
+}
+
+/// A RabbitMQ backend on a queue prefix of its own, for one run.
+pub(crate) struct FreshPrefix {
+    /// The backend under test.
+    pub(crate) backend: RabbitMqBackend,
+}
+
+impl FreshPrefix {
+    /// Connects with a new prefix.
+    pub(crate) async fn create() -> Result<FreshPrefix> {
+        let config = RabbitMqConfig::new(url()).with_prefix(unique_prefix());
+        let backend = RabbitMqBackend::connect(config)
+            .await
+            .map_err(unreachable)?;
+        Ok(FreshPrefix { backend })
+    }
+
+    /// Deletes the run's queues and closes the connection; a failure is a warning.
+    pub(crate) async fn dispose(self) {
+        if let Err(e) = self.backend.delete_declared_queues().await {
+            eprintln!("  warning: cannot delete the bench queues: {e}");
+        }
+        self.backend.close().await;
+    }
+}
+
+/// A durable priority queue of the raw rows (as Backline declares its work queues).
+async fn raw_queue(ch: &Channel) -> Result<String> {
+    let name = format!("{}.raw", unique_prefix());
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::LongInt(5));
+    ch.queue_declare(
+        name.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await?;
+    Ok(name)
+}
+
+/// A persistent message, bare or with the properties and headers of a Backline job.
+fn properties(i: usize, like_backline: bool) -> BasicProperties {
+    let bare = BasicProperties::default().with_delivery_mode(2);
+    if !like_backline {
+        return bare;
+    }
+    let id = format!("0190f3c2-7a4e-7c4d-9a1b-{i:012x}");
+    let mut h = FieldTable::default();
+    let text = |s: &str| AMQPValue::LongString(s.to_owned().into());
+    h.insert("x-backline-id".into(), text(&id));
+    h.insert("x-backline-name".into(), text("bench.noop"));
+    h.insert("x-backline-queue".into(), text("default"));
+    h.insert("x-backline-attempt".into(), AMQPValue::LongLongInt(0));
+    h.insert("x-backline-max-attempts".into(), AMQPValue::LongLongInt(25));
+    h.insert(
+        "x-backline-enqueued-at".into(),
+        AMQPValue::LongLongInt(1_795_600_000_000_000),
+    );
+    h.insert(
+        "x-backline-run-at".into(),
+        AMQPValue::LongLongInt(1_795_600_000_000_000),
+    );
+    bare.with_priority(3)
+        .with_content_type("application/json".into())
+        .with_message_id(ShortString::from(id))
+        .with_timestamp(1_795_600_000)
+        .with_headers(h)
+}
+
+/// `n` confirmed persistent publishes, `window` outstanding; msgs/s.
+async fn publish(ch: &Channel, queue: &str, n: usize, window: usize, like: bool) -> Result<f64> {
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let k = window.min(n - sent);
+        let mut confirms = Vec::with_capacity(k);
+        for i in sent..sent + k {
+            confirms.push(
+                ch.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    b"null",
+                    properties(i, like),
+                )
+                .await?,
+            );
+        }
+        for c in confirms {
+            if !c.await?.is_ack() {
+                return Err("the broker refused a raw publish".into());
+            }
+        }
+        sent += k;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// `n` publishes, each awaiting its confirm, from `tasks` tasks on one channel; msgs/s.
+async fn publish_one_by_one(ch: &Channel, queue: &str, n: usize, tasks: usize) -> Result<f64> {
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for t in 0..tasks {
+        let ch = ch.clone();
+        let queue = queue.to_owned();
+        let share = n / tasks + usize::from(t < n % tasks);
+        set.spawn(async move {
+            for _ in 0..share {
+                ch.basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    b"null",
+                    properties(0, false),
+                )
+                .await?
+                .await?;
+            }
+            Ok::<(), backline_rabbitmq::lapin::Error>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// Consumes `n` messages with one manual ack each, prefetch 100; msgs/s.
+async fn consume(conn: &Connection, queue: &str, n: usize) -> Result<f64> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(100, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let start = Instant::now();
+    let mut got = 0;
+    while got < n {
+        let next = tokio::time::timeout(Duration::from_secs(30), consumer.next()).await;
+        let Ok(Some(d)) = next else {
+            return Err(format!("raw consume got {got} of {n} messages").into());
+        };
+        d?.acker.ack(BasicAckOptions::default()).await?;
+        got += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    let _ = ch.close(200, "done".into()).await;
+    Ok(rate)
+}
+
+/// The raw rows; each run on queues of its own, deleted after it.
+pub(crate) async fn raw_rows(plan: &Plan) -> Result<Vec<Row>> {
+    let n = plan.jobs;
+    let single = plan.single_jobs;
+    let tasks = plan.enqueue_tasks;
+    let window = plan.batch;
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .map_err(unreachable)?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let (mut bare, mut like, mut one, mut drain) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..plan.runs {
+        let q = raw_queue(&ch).await?;
+        let result = async {
+            like.push(publish(&ch, &q, n, window, true).await?);
+            ch.queue_purge(q.as_str().into(), Default::default())
+                .await?;
+            one.push(publish_one_by_one(&ch, &q, single, tasks).await?);
+            ch.queue_purge(q.as_str().into(), Default::default())
+                .await?;
+            bare.push(publish(&ch, &q, n, window, false).await?);
+            drain.push(consume(&conn, &q, n).await?);
+            Ok::<(), crate::Error>(())
+        }
+        .await;
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        result?;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    let w = thousands(window as f64);
+    Ok(vec![
+        Row::new(
+            format!("raw_publish_{window}"),
+            format!("raw: confirmed publish, {w} outstanding"),
+            n,
+            Unit::JobsPerSecond,
+            bare,
+        ),
+        Row::new(
+            format!("raw_publish_headers_{window}"),
+            "raw: same, with a job's headers".to_owned(),
+            n,
+            Unit::JobsPerSecond,
+            like,
+        ),
+        Row::new(
+            format!("raw_publish_single_c{tasks}"),
+            format!("raw: publish + await confirm, {tasks} tasks"),
+            single,
+            Unit::JobsPerSecond,
+            one,
+        ),
+        Row::new(
+            "raw_consume_ack_p100".to_owned(),
+            "raw: consume + ack each, prefetch 100".to_owned(),
+            n,
+            Unit::JobsPerSecond,
+            drain,
+        ),
+    ])
+}
