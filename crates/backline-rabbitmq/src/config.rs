@@ -27,11 +27,12 @@ pub enum QueueKind {
     /// Classic durable queues with `x-max-priority = 5`: priorities are honoured.
     #[default]
     Classic,
-    /// Quorum queues (replicated, for clusters) with `x-delivery-limit`: the broker drops a
-    /// message redelivered more often than the limit (a poison message). RabbitMQ 3.10's quorum
-    /// queues have **no priorities**: every job runs in FIFO order.
+    /// Quorum queues (replicated, for clusters) with `x-delivery-limit`: the broker moves a
+    /// message redelivered more often than the limit (a poison message) to the queue's dead
+    /// letters. RabbitMQ 3.10's quorum queues have **no priorities**: every job runs in FIFO
+    /// order.
     Quorum {
-        /// The most deliveries of one message (`x-delivery-limit`).
+        /// The most redeliveries of one message (`x-delivery-limit`, at least 1).
         delivery_limit: u32,
     },
 }
@@ -159,12 +160,24 @@ impl RabbitMqConfig {
         self
     }
 
-    /// Checks the names used in queue names: non-empty, at most 100 bytes, no whitespace.
+    /// Checks the names used in queue names (see [`check_part`], [`check_queue`],
+    /// [`check_job_name`]; the prefix has no `.`) and the delivery limit.
     pub(crate) fn validate(&self) -> Result<()> {
         check_part("prefix", &self.prefix)?;
+        if self.prefix.contains('.') {
+            return Err(Error::Config(format!(
+                "a RabbitMQ prefix must not contain `.` (it separates the parts of queue names), got {:?}",
+                self.prefix
+            )));
+        }
         for (q, n) in &self.known_jobs {
-            check_part("queue", q)?;
-            check_part("job name", n)?;
+            check_queue(q)?;
+            check_job_name(n)?;
+        }
+        if let QueueKind::Quorum { delivery_limit: 0 } = self.kind {
+            return Err(Error::Config(
+                "a quorum queue's delivery_limit must be at least 1".into(),
+            ));
         }
         if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
             return Err(Error::Config(format!(
@@ -181,6 +194,31 @@ pub(crate) fn check_part(what: &str, s: &str) -> Result<()> {
     if s.is_empty() || s.len() > 100 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(Error::Config(format!(
             "a RabbitMQ {what} must be 1 to 100 bytes without whitespace, got {s:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// A queue name: a [`check_part`], without `.` (queue `a.b` with job `c` and queue `a` with
+/// job `b.c` would share the work queue `{prefix}.a.b.c`) and not starting with `~` (the mark
+/// of Backline's own queues: wait, landing, dead).
+pub(crate) fn check_queue(queue: &str) -> Result<()> {
+    check_part("queue", queue)?;
+    if queue.contains('.') || queue.starts_with('~') {
+        return Err(Error::Config(format!(
+            "a RabbitMQ queue name must not contain `.` or start with `~` (they mark the parts of queue names), got {queue:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// A job name: a [`check_part`] not starting with `~` (a job named `~dead` would be the
+/// queue's dead letters). Dots are fine: the job name is the last part of a queue name.
+pub(crate) fn check_job_name(name: &str) -> Result<()> {
+    check_part("job name", name)?;
+    if name.starts_with('~') {
+        return Err(Error::Config(format!(
+            "a RabbitMQ job name must not start with `~` (the mark of Backline's own queues), got {name:?}"
         )));
     }
     Ok(())
@@ -210,5 +248,29 @@ mod tests {
             .validate()
             .is_err());
         assert!(RabbitMqConfig::new("redis://x").validate().is_err());
+        assert!(RabbitMqConfig::from_env()
+            .with_prefix("a.b")
+            .validate()
+            .is_err());
+        assert!(RabbitMqConfig::from_env()
+            .with_known_job("a.b", "c")
+            .validate()
+            .is_err());
+        assert!(RabbitMqConfig::from_env()
+            .with_known_job("a", "~dead")
+            .validate()
+            .is_err());
+        assert!(RabbitMqConfig::from_env()
+            .with_known_job("a", "emails.welcome")
+            .validate()
+            .is_ok());
+    }
+
+    #[test]
+    fn a_quorum_delivery_limit_of_zero_is_refused() {
+        let c = RabbitMqConfig::from_env().with_queue_kind(QueueKind::Quorum { delivery_limit: 0 });
+        assert!(matches!(c.validate(), Err(Error::Config(_))));
+        let c = RabbitMqConfig::from_env().with_queue_kind(QueueKind::Quorum { delivery_limit: 1 });
+        assert!(c.validate().is_ok());
     }
 }

@@ -77,8 +77,9 @@ struct Inner {
     ever_declared: Mutex<BTreeSet<String>>,
     /// The (queue → job names) this handle knows of.
     known: Mutex<BTreeMap<String, BTreeSet<String>>>,
-    /// Deliveries claimed and not yet finished.
-    held: Mutex<HashMap<JobId, Held>>,
+    /// Deliveries claimed and not yet finished, by the token of their claim: two deliveries
+    /// of one job id (a duplicate publish) are two leases, each finished on its own.
+    held: Mutex<HashMap<LeaseToken, Held>>,
     /// Wake-up signals per queue.
     signals: Mutex<HashMap<String, Arc<Signal>>>,
     /// Queues whose landing queue has a relay consumer, with the connection generation.
@@ -131,7 +132,6 @@ impl Conn {
 }
 
 struct Held {
-    token: LeaseToken,
     acker: Acker,
     generation: u64,
     meta: Meta,
@@ -148,6 +148,20 @@ impl Signal {
     fn bump(&self) {
         self.seq.fetch_add(1, Ordering::SeqCst);
         self.notify.notify_waiters();
+    }
+}
+
+/// Hands a delivery back to its queue (`nack` with requeue): for a move that failed, so the
+/// delivery is never dropped unacknowledged (it would stay with this channel until it closes).
+async fn requeue(acker: &Acker) {
+    let nacked = acker
+        .nack(BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        })
+        .await;
+    if let Err(e) = nacked {
+        tracing::debug!(error = %e, "nack failed; the broker requeues the delivery when its channel closes");
     }
 }
 
@@ -172,6 +186,19 @@ fn declare_err(name: &str, e: lapin::Error) -> Error {
         )),
         _ => conn_err("queue.declare", e),
     }
+}
+
+/// A name refused by [`config`]'s checks, given with a job (push, claim): an invalid job.
+fn invalid_job(e: Error) -> Error {
+    match e {
+        Error::Config(msg) => Error::InvalidJob(msg),
+        other => other,
+    }
+}
+
+/// Whether the broker answered "no such queue" (404 NOT_FOUND, e.g. to a passive declare).
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }
 
 fn backend_err(op: &'static str, msg: String) -> Error {
@@ -248,7 +275,7 @@ impl RabbitMqBackend {
         self.inner.work_name(queue, name)
     }
 
-    /// The dead-letter queue of `queue` (`{prefix}.{queue}.dead`).
+    /// The dead-letter queue of `queue` (`{prefix}.{queue}.~dead`).
     pub fn dead_queue_name(&self, queue: &str) -> String {
         self.inner.dead_name(queue)
     }
@@ -607,13 +634,53 @@ impl Inner {
         Ok(q.message_count())
     }
 
+    /// How many messages the queue `name` holds, without creating it or checking its
+    /// arguments (a passive declare); `None` if it does not exist. A 404 closes the admin
+    /// channel, which the next call reopens.
+    async fn passive_count(&self, conn: &Conn, name: &str) -> Result<Option<u32>> {
+        if name.len() > MAX_QUEUE_NAME {
+            return Ok(None);
+        }
+        let declared = conn
+            .admin()
+            .await?
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(q) => Ok(Some(q.message_count())),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(conn_err("queue.declare", e)),
+        }
+    }
+
+    /// [`passive_count`](Self::passive_count), a missing queue counting 0.
+    async fn count(&self, conn: &Conn, name: &str) -> Result<u64> {
+        Ok(self.passive_count(conn, name).await?.map_or(0, u64::from))
+    }
+
     fn is_declared(&self, name: &str) -> bool {
         lock(&self.declared).contains(name)
     }
 
-    fn work_args(&self) -> FieldTable {
+    /// Whether `queue`'s work queues carry ABP's names (declared as ABP declares them).
+    fn abp_named(&self, queue: &str) -> bool {
+        self.config.naming == QueueNaming::Abp && queue == "default"
+    }
+
+    /// The arguments of `queue`'s work queues.
+    fn work_args(&self, queue: &str) -> FieldTable {
         let mut t = FieldTable::default();
         match self.config.kind {
+            // ABP declares its queues durable without arguments; any argument of ours would
+            // make one of the two declarations fail (PRECONDITION_FAILED). No priorities there.
+            QueueKind::Classic if self.abp_named(queue) => {}
             QueueKind::Classic => {
                 t.insert("x-max-priority".into(), AMQPValue::LongInt(5));
             }
@@ -625,6 +692,15 @@ impl Inner {
                 t.insert(
                     "x-delivery-limit".into(),
                     AMQPValue::LongLongInt(i64::from(delivery_limit)),
+                );
+                // A message past the delivery limit goes to the dead letters, not away.
+                t.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString("".into()),
+                );
+                t.insert(
+                    "x-dead-letter-routing-key".into(),
+                    AMQPValue::LongString(self.dead_name(queue).into()),
                 );
             }
         }
@@ -649,9 +725,13 @@ impl Inner {
     async fn ensure_work(&self, conn: &Conn, queue: &str, name: &str) -> Result<String> {
         let q = self.work_name(queue, name);
         if !self.is_declared(&q) {
-            config::check_part("queue", queue).map_err(|e| Error::InvalidJob(e.to_string()))?;
-            config::check_part("job name", name).map_err(|e| Error::InvalidJob(e.to_string()))?;
-            self.declare(conn, &q, self.work_args()).await?;
+            config::check_queue(queue).map_err(invalid_job)?;
+            config::check_job_name(name).map_err(invalid_job)?;
+            if matches!(self.config.kind, QueueKind::Quorum { .. }) {
+                // The target of the delivery limit's dead-lettering must exist first.
+                self.ensure_plain(conn, &self.dead_name(queue)).await?;
+            }
+            self.declare(conn, &q, self.work_args(queue)).await?;
         }
         self.remember(queue, name);
         Ok(q)
@@ -688,6 +768,19 @@ impl Inner {
         }
     }
 
+    /// When a publish started now must have its confirm: the confirm timeout covers the send
+    /// (which waits while the broker blocks publishers) and the confirm together.
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.config.confirm_timeout
+    }
+
+    fn timed_out(&self) -> Error {
+        Error::Timeout {
+            op: "publish confirm",
+            after: self.config.confirm_timeout,
+        }
+    }
+
     /// Publishes persistently with `mandatory`, without awaiting the confirm.
     async fn publish(
         &self,
@@ -695,30 +788,45 @@ impl Inner {
         routing_key: &str,
         meta: &Meta,
         payload: &[u8],
+        deadline: tokio::time::Instant,
     ) -> Result<lapin::PublisherConfirm> {
-        conn.publish
-            .basic_publish(
-                "".into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                payload,
-                meta.properties(),
-            )
+        self.publish_raw(conn, routing_key, meta.properties(), payload, deadline)
             .await
+    }
+
+    async fn publish_raw(
+        &self,
+        conn: &Conn,
+        routing_key: &str,
+        properties: BasicProperties,
+        payload: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> Result<lapin::PublisherConfirm> {
+        let send = conn.publish.basic_publish(
+            "".into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            payload,
+            properties,
+        );
+        tokio::time::timeout_at(deadline, send)
+            .await
+            .map_err(|_| self.timed_out())?
             .map_err(|e| conn_err("basic.publish", e))
     }
 
-    async fn confirmed(&self, confirm: lapin::PublisherConfirm, routing_key: &str) -> Result<()> {
-        let after = self.config.confirm_timeout;
-        let confirmation = tokio::time::timeout(after, confirm)
+    async fn confirmed(
+        &self,
+        confirm: lapin::PublisherConfirm,
+        routing_key: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<()> {
+        let confirmation = tokio::time::timeout_at(deadline, confirm)
             .await
-            .map_err(|_| Error::Timeout {
-                op: "publish confirm",
-                after,
-            })?
+            .map_err(|_| self.timed_out())?
             .map_err(|e| conn_err("publish confirm", e))?;
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
@@ -745,8 +853,43 @@ impl Inner {
         meta: &Meta,
         payload: &[u8],
     ) -> Result<()> {
-        let c = self.publish(conn, routing_key, meta, payload).await?;
-        self.confirmed(c, routing_key).await
+        let deadline = self.deadline();
+        let c = self
+            .publish(conn, routing_key, meta, payload, deadline)
+            .await?;
+        self.confirmed(c, routing_key, deadline).await
+    }
+
+    /// Moves a message without Backline headers out of a wait or landing queue (where its job
+    /// name is unknown) into `queue`'s dead letters, confirmed, with the reason in its headers.
+    async fn dead_letter_foreign(
+        &self,
+        conn: &Conn,
+        queue: &str,
+        properties: &BasicProperties,
+        payload: &[u8],
+        reason: &str,
+    ) -> Result<()> {
+        let dead = self.dead_name(queue);
+        self.ensure_plain(conn, &dead).await?;
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            message::H_ERROR.into(),
+            AMQPValue::LongString(message::truncate_error(reason).into()),
+        );
+        headers.insert(
+            message::H_DIED_AT.into(),
+            AMQPValue::LongLongInt(Utc::now().timestamp_micros()),
+        );
+        let props = properties
+            .clone()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let deadline = self.deadline();
+        let c = self
+            .publish_raw(conn, &dead, props, payload, deadline)
+            .await?;
+        self.confirmed(c, &dead, deadline).await
     }
 
     /// Moves a waiting message on: to its work queue if due, else down the ladder.
@@ -754,6 +897,27 @@ impl Inner {
         let (target, due) = self.route(conn, meta, Utc::now()).await?;
         self.publish_confirmed(conn, &target, meta, payload).await?;
         Ok(due)
+    }
+
+    /// A message without Backline headers in `queue`'s landing queue (published there by
+    /// hand, or dead-lettered from a wait step): its job is unknown, so it goes to the dead
+    /// letters with the reason, confirmed, before the caller acks it.
+    async fn landing_foreign(
+        &self,
+        conn: &Conn,
+        queue: &str,
+        properties: &BasicProperties,
+        payload: &[u8],
+    ) -> Result<()> {
+        tracing::error!(queue = %queue, "a message without Backline headers in the landing queue; moved to the dead letters");
+        self.dead_letter_foreign(
+            conn,
+            queue,
+            properties,
+            payload,
+            "a message without Backline headers (no job name) in a wait or landing queue",
+        )
+        .await
     }
 
     /// Starts the relay consumer of `queue`'s landing queue on this connection, once.
@@ -799,10 +963,10 @@ impl Inner {
                 let meta = Meta::from_delivery(&delivery.properties, &queue, None);
                 let moved = match &meta {
                     Some(m) => inner.relay(&conn, m, &delivery.data).await,
-                    None => {
-                        tracing::error!(queue = %queue, "a message without Backline headers in the landing queue; dropped");
-                        Ok(false)
-                    }
+                    None => inner
+                        .landing_foreign(&conn, &queue, &delivery.properties, &delivery.data)
+                        .await
+                        .map(|()| false),
                 };
                 match moved {
                     Ok(due) => {
@@ -864,27 +1028,33 @@ impl Inner {
         let remaining = msg.message_count;
         let d = msg.delivery;
         let Some(mut meta) = Meta::from_delivery(&d.properties, queue, Some(name)) else {
+            requeue(&d.acker).await;
             return Err(backend_err("basic.get", "unreadable message".into()));
         };
         if d.redelivered {
             // The last delivery's connection closed before it finished: a crashed attempt.
-            meta.attempt += 1;
-            if meta.attempt >= meta.max_attempts {
-                meta.last_error = Some(format!(
-                    "lease expired: the connection holding attempt {} closed before it finished",
-                    meta.attempt
-                ));
-                meta.died_at = Some(Utc::now());
-                let dead = self.dead_name(queue);
-                self.ensure_plain(conn, &dead).await?;
-                self.publish_confirmed(conn, &dead, &meta, &d.data).await?;
-                tracing::error!(job = %meta.id, name = %meta.name, attempt = meta.attempt, "job dead: its worker died on every attempt");
-            } else {
-                meta.last_error = Some(format!(
-                    "lease expired: the connection holding attempt {} closed before it finished",
-                    meta.attempt
-                ));
-                self.publish_confirmed(conn, work, &meta, &d.data).await?;
+            meta.attempt = meta.attempt.saturating_add(1);
+            meta.last_error = Some(format!(
+                "lease expired: the connection holding attempt {} closed before it finished",
+                meta.attempt
+            ));
+            let moved = async {
+                if meta.attempt >= meta.max_attempts {
+                    meta.died_at = Some(Utc::now());
+                    let dead = self.dead_name(queue);
+                    self.ensure_plain(conn, &dead).await?;
+                    self.publish_confirmed(conn, &dead, &meta, &d.data).await?;
+                    tracing::error!(job = %meta.id, name = %meta.name, attempt = meta.attempt, "job dead: its worker died on every attempt");
+                } else {
+                    self.publish_confirmed(conn, work, &meta, &d.data).await?;
+                }
+                Ok::<(), Error>(())
+            }
+            .await;
+            if let Err(e) = moved {
+                // Not moved: hand it back (still redelivered), never drop the delivery.
+                requeue(&d.acker).await;
+                return Err(e);
             }
             d.acker
                 .ack(BasicAckOptions::default())
@@ -892,24 +1062,33 @@ impl Inner {
                 .map_err(|e| conn_err("basic.ack", e))?;
             return Ok(GetResult::Moved(remaining));
         }
+        // A header claiming every attempt spent (outside input: Backline never publishes one
+        // into a work queue) makes this claim the last attempt.
+        meta.attempt = meta.attempt.min(meta.max_attempts - 1);
         let now = Utc::now();
-        let token = LeaseToken::random();
+        let mut held = lock(&self.held);
+        let token = loop {
+            let t = LeaseToken::random();
+            if !held.contains_key(&t) {
+                break t;
+            }
+        };
         let job = meta.to_job(
             d.data.clone(),
             JobState::Running,
-            meta.attempt + 1,
+            meta.attempt.saturating_add(1),
             Some(later(now, lease)),
         );
-        lock(&self.held).insert(
-            meta.id,
+        held.insert(
+            token,
             Held {
-                token,
                 acker: d.acker,
                 generation: conn.generation,
                 meta,
                 payload: d.data,
             },
         );
+        drop(held);
         Ok(GetResult::Claimed(
             Box::new(ClaimedJob { job, token }),
             remaining,
@@ -919,8 +1098,8 @@ impl Inner {
     async fn finish_one(&self, conn: &Conn, f: &Finish) -> Result<bool> {
         let held = {
             let mut held = lock(&self.held);
-            match held.get(&f.id) {
-                Some(h) if h.token == f.token => held.remove(&f.id),
+            match held.get(&f.token) {
+                Some(h) if h.meta.id == f.id => held.remove(&f.token),
                 _ => None,
             }
         };
@@ -929,7 +1108,7 @@ impl Inner {
             return Ok(false);
         }
         let mut meta = h.meta.clone();
-        let attempt = meta.attempt + 1;
+        let attempt = meta.attempt.saturating_add(1);
         let moved = match &f.outcome {
             Outcome::Succeeded { .. } => Ok(()),
             Outcome::Retry { delay, error } => {
@@ -966,13 +1145,7 @@ impl Inner {
         };
         if let Err(e) = moved {
             tracing::warn!(job = %f.id, error = %e, "moving a finished job failed; the broker redelivers it");
-            let _ = h
-                .acker
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                })
-                .await;
+            requeue(&h.acker).await;
             return Err(e);
         }
         if matches!(f.outcome, Outcome::Release) {
@@ -1114,12 +1287,15 @@ impl Backend for RabbitMqBackend {
             if due {
                 woken.insert(job.queue.clone());
             }
-            let confirm = inner.publish(&conn, &target, &meta, &job.payload).await?;
-            pending.push((confirm, target));
+            let deadline = inner.deadline();
+            let confirm = inner
+                .publish(&conn, &target, &meta, &job.payload, deadline)
+                .await?;
+            pending.push((confirm, target, deadline));
             ids.push(job.id);
         }
-        for (confirm, target) in pending {
-            inner.confirmed(confirm, &target).await?;
+        for (confirm, target, deadline) in pending {
+            inner.confirmed(confirm, &target, deadline).await?;
         }
         for q in woken {
             inner.signal(&q).bump();
@@ -1130,6 +1306,7 @@ impl Backend for RabbitMqBackend {
 
     async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {
         let inner = &self.inner;
+        config::check_queue(req.queue).map_err(invalid_job)?;
         let conn = inner.conn().await?;
         inner.ensure_relay(&conn, req.queue).await?;
         // Listen to wake-ups before looking at the queues: a job pushed after this claim saw
@@ -1148,8 +1325,9 @@ impl Backend for RabbitMqBackend {
             works.rotate_left(start);
         }
         let mut out: Vec<ClaimedJob> = Vec::new();
+        let mut failed: Option<Error> = None;
         let mut open: Vec<bool> = vec![true; works.len()];
-        while out.len() < req.limit && open.iter().any(|o| *o) {
+        while failed.is_none() && out.len() < req.limit && open.iter().any(|o| *o) {
             for (i, (name, work)) in works.iter().enumerate() {
                 if !open[i] || out.len() >= req.limit {
                     continue;
@@ -1165,14 +1343,20 @@ impl Backend for RabbitMqBackend {
                 let gets = (0..k).map(|_| inner.get_one(&conn, work, req.queue, name, req.lease));
                 let mut left = None;
                 for r in futures_util::future::join_all(gets).await {
-                    match r? {
-                        GetResult::Empty => left = Some(0),
-                        GetResult::Moved(n) => left = Some(n),
-                        GetResult::Claimed(job, n) => {
+                    match r {
+                        Ok(GetResult::Empty) => left = Some(0),
+                        Ok(GetResult::Moved(n)) => left = Some(n),
+                        Ok(GetResult::Claimed(job, n)) => {
                             out.push(*job);
                             left = Some(n);
                         }
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
                     }
+                }
+                if failed.is_some() {
+                    break;
                 }
                 let left = left.unwrap_or(0);
                 lock(&inner.backlog).insert(work.clone(), left);
@@ -1181,7 +1365,15 @@ impl Backend for RabbitMqBackend {
                 }
             }
         }
-        Ok(out)
+        match failed {
+            // The jobs already taken are held: return them rather than strand their leases.
+            Some(e) if !out.is_empty() => {
+                tracing::warn!(queue = %req.queue, error = %e, claimed = out.len(), "claim failed part-way; returning the jobs taken");
+                Ok(out)
+            }
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     async fn finish(&self, batch: &[Finish]) -> Result<Vec<bool>> {
@@ -1206,8 +1398,8 @@ impl Backend for RabbitMqBackend {
         Ok(leases
             .iter()
             .map(|(id, token)| {
-                held.get(id).is_some_and(|h| {
-                    h.token == *token && h.generation == generation && h.acker.usable()
+                held.get(token).is_some_and(|h| {
+                    h.meta.id == *id && h.generation == generation && h.acker.usable()
                 })
             })
             .collect())
@@ -1241,8 +1433,9 @@ impl Backend for RabbitMqBackend {
             // Landing queues that no relay consumer of this handle serves.
             if lock(&inner.relays).get(queue) != Some(&conn.generation) {
                 let landing = inner.landing_name(queue);
-                inner.ensure_plain(&conn, &landing).await?;
-                for _ in 0..m.batch {
+                // Passive: a queue that was never delayed has no landing queue to create.
+                let waiting = inner.count(&conn, &landing).await?;
+                for _ in 0..m.batch.min(usize::try_from(waiting).unwrap_or(usize::MAX)) {
                     let Some(msg) = conn
                         .claim
                         .basic_get(landing.as_str().into(), BasicGetOptions { no_ack: false })
@@ -1252,11 +1445,24 @@ impl Backend for RabbitMqBackend {
                         break;
                     };
                     let d = msg.delivery;
-                    if let Some(meta) = Meta::from_delivery(&d.properties, queue, None) {
-                        if inner.relay(&conn, &meta, &d.data).await? {
+                    let moved = match Meta::from_delivery(&d.properties, queue, None) {
+                        Some(meta) => inner.relay(&conn, &meta, &d.data).await,
+                        None => inner
+                            .landing_foreign(&conn, queue, &d.properties, &d.data)
+                            .await
+                            .map(|()| false),
+                    };
+                    match moved {
+                        Ok(true) => {
                             report.promoted += 1;
                             inner.signal(queue).bump();
                             inner.wake_others(&conn, queue).await;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            // Not moved: back to the landing queue, for the next pass.
+                            requeue(&d.acker).await;
+                            return Err(e);
                         }
                     }
                     d.acker
@@ -1270,19 +1476,20 @@ impl Backend for RabbitMqBackend {
                 .ok()
                 .and_then(|ttl| Utc::now().checked_sub_signed(ttl))
                 .unwrap_or(DateTime::<Utc>::MIN_UTC);
+            // A passive declare: a dead queue another handle (or connection) declared counts
+            // too, and a missing one is not created.
             let dead = inner.dead_name(queue);
-            if inner.is_declared(&dead)
-                && inner.declare(&conn, &dead, FieldTable::default()).await? > 0
-            {
+            if inner.count(&conn, &dead).await? > 0 {
                 let mut pruned = 0u64;
                 inner
-                    .scan_dead(queue, m.batch, |meta, _| {
-                        if meta.died_at.is_some_and(|t| t <= cutoff) {
+                    .scan_dead(queue, m.batch, |meta, _| match meta.died_at {
+                        Some(t) if t <= cutoff => {
                             pruned += 1;
                             ScanStep::Take
-                        } else {
-                            ScanStep::Stop
                         }
+                        Some(_) => ScanStep::Stop,
+                        // No death time (not ours, no `x-death`): keep it, look further.
+                        None => ScanStep::Next,
                     })
                     .await?;
                 report.pruned += pruned;
@@ -1300,26 +1507,21 @@ impl Backend for RabbitMqBackend {
             return Err(unsupported("listing jobs other than dead letters"));
         }
         let limit = if filter.limit == 0 { 100 } else { filter.limit };
-        let mut out = Vec::new();
+        // Pages are by id across every queue: collect every match (up to the scan limit per
+        // queue), order by id, then skip and take.
+        let mut all = Vec::new();
         for (queue, _) in self.inner.known_queues(filter.queue.as_deref()) {
-            let mut skipped = 0usize;
             self.inner
-                .scan_dead(&queue, filter.offset + limit, |m, data| {
-                    if filter.name.as_ref().is_some_and(|n| *n != m.name) {
-                        return ScanStep::Next;
-                    }
-                    if skipped < filter.offset {
-                        skipped += 1;
-                    } else if out.len() < limit {
-                        out.push(m.to_job(data.to_vec(), JobState::Dead, m.attempt, None));
+                .scan_dead(&queue, DEAD_SCAN_LIMIT, |m, data| {
+                    if filter.name.as_ref().is_none_or(|n| *n == m.name) {
+                        all.push(m.to_job(data.to_vec(), JobState::Dead, m.attempt, None));
                     }
                     ScanStep::Next
                 })
                 .await?;
         }
-        out.sort_by_key(|j| j.id);
-        out.truncate(limit);
-        Ok(out)
+        all.sort_by_key(|j| j.id);
+        Ok(all.into_iter().skip(filter.offset).take(limit).collect())
     }
 
     async fn counts(&self, queue: Option<&str>) -> Result<Counts> {
@@ -1328,27 +1530,15 @@ impl Backend for RabbitMqBackend {
         let mut c = Counts::default();
         let queues = inner.known_queues(queue);
         for (q, names) in &queues {
+            // Passive declares: counting creates no queue and checks no arguments.
             for name in names {
-                let work = inner.work_name(q, name);
-                c.ready += u64::from(inner.declare(&conn, &work, inner.work_args()).await?);
+                c.ready += inner.count(&conn, &inner.work_name(q, name)).await?;
             }
-            c.scheduled += u64::from(
-                inner
-                    .declare(&conn, &inner.landing_name(q), FieldTable::default())
-                    .await?,
-            );
+            c.scheduled += inner.count(&conn, &inner.landing_name(q)).await?;
             for step in MIN_STEP..=MAX_STEP {
-                c.scheduled += u64::from(
-                    inner
-                        .declare(&conn, &inner.step_name(q, step), inner.step_args(q, step))
-                        .await?,
-                );
+                c.scheduled += inner.count(&conn, &inner.step_name(q, step)).await?;
             }
-            c.dead += u64::from(
-                inner
-                    .declare(&conn, &inner.dead_name(q), FieldTable::default())
-                    .await?,
-            );
+            c.dead += inner.count(&conn, &inner.dead_name(q)).await?;
         }
         let held = lock(&inner.held);
         c.running = held
@@ -1404,10 +1594,8 @@ impl Backend for RabbitMqBackend {
                     )),
                 };
             for t in targets {
-                if state == JobState::Dead {
-                    inner.ensure_plain(&conn, &t).await?;
-                } else {
-                    inner.declare(&conn, &t, inner.work_args()).await?;
+                if inner.passive_count(&conn, &t).await?.is_none() {
+                    continue;
                 }
                 n += u64::from(
                     conn.admin()

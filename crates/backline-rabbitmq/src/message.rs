@@ -19,6 +19,26 @@ pub(crate) const H_RUN_AT: &str = "x-backline-run-at";
 pub(crate) const H_ERROR: &str = "x-backline-error";
 pub(crate) const H_DIED_AT: &str = "x-backline-died-at";
 
+/// The longest error text a message carries in [`H_ERROR`]: the whole header block of a
+/// message must fit in one AMQP frame (131,072 bytes by default), and a broker that receives a
+/// larger one closes the whole connection (every lease of the handle with it).
+pub(crate) const MAX_ERROR_BYTES: usize = 4096;
+
+/// What a cut error text ends with.
+const TRUNCATED: &str = "… (truncated)";
+
+/// `error` cut to at most [`MAX_ERROR_BYTES`] bytes (at a character boundary), marked as cut.
+pub(crate) fn truncate_error(error: &str) -> String {
+    if error.len() <= MAX_ERROR_BYTES {
+        return error.to_owned();
+    }
+    let mut end = MAX_ERROR_BYTES - TRUNCATED.len();
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{TRUNCATED}", &error[..end])
+}
+
 /// The attempts a message without Backline headers gets (e.g. one published by ABP): ABP's
 /// default policy gives 12.
 pub(crate) const FOREIGN_MAX_ATTEMPTS: u32 = 12;
@@ -87,6 +107,19 @@ fn text(v: &AMQPValue) -> Option<String> {
     }
 }
 
+/// The time of the newest `x-death` record the broker added when it dead-lettered a message
+/// (AMQP timestamps are seconds).
+fn death_time(h: &std::collections::BTreeMap<ShortString, AMQPValue>) -> Option<DateTime<Utc>> {
+    let AMQPValue::FieldArray(deaths) = h.get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let secs = first.inner().get("time").and_then(int)?;
+    DateTime::from_timestamp(secs, 0)
+}
+
 fn time(v: Option<i64>) -> Option<DateTime<Utc>> {
     v.and_then(DateTime::from_timestamp_micros)
 }
@@ -140,7 +173,10 @@ impl Meta {
         h.insert(H_ENQUEUED_AT.into(), micros(self.enqueued_at));
         h.insert(H_RUN_AT.into(), micros(self.run_at));
         if let Some(e) = &self.last_error {
-            h.insert(H_ERROR.into(), AMQPValue::LongString(e.clone().into()));
+            h.insert(
+                H_ERROR.into(),
+                AMQPValue::LongString(truncate_error(e).into()),
+            );
         }
         if let Some(t) = self.died_at {
             h.insert(H_DIED_AT.into(), micros(t));
@@ -181,12 +217,16 @@ impl Meta {
         };
         let clamp =
             |v: Option<i64>, default: u32| v.and_then(|x| u32::try_from(x).ok()).unwrap_or(default);
+        let max_attempts = clamp(get_int(H_MAX_ATTEMPTS), FOREIGN_MAX_ATTEMPTS).max(1);
+        // Headers are outside input: an attempt count past the limit is the limit (a dead
+        // letter carries exactly the limit), never a number that overflows when counted on.
+        let attempt = clamp(get_int(H_ATTEMPT), 0).min(max_attempts);
         Some(Meta {
             id,
             name,
             queue: get_text(H_QUEUE).unwrap_or_else(|| queue.to_owned()),
-            attempt: clamp(get_int(H_ATTEMPT), 0),
-            max_attempts: clamp(get_int(H_MAX_ATTEMPTS), FOREIGN_MAX_ATTEMPTS).max(1),
+            attempt,
+            max_attempts,
             timeout: get_int(H_TIMEOUT_MS)
                 .and_then(|ms| u64::try_from(ms).ok())
                 .map(Duration::from_millis),
@@ -194,7 +234,9 @@ impl Meta {
             enqueued_at: time(get_int(H_ENQUEUED_AT)).unwrap_or(now),
             run_at: time(get_int(H_RUN_AT)).unwrap_or(now),
             last_error: get_text(H_ERROR),
-            died_at: time(get_int(H_DIED_AT)),
+            // A message the broker dead-lettered itself (a quorum queue's delivery limit)
+            // carries no death time of ours: the broker's `x-death` record has one.
+            died_at: time(get_int(H_DIED_AT)).or_else(|| death_time(h)),
         })
     }
 
@@ -263,6 +305,44 @@ mod tests {
         let m = Meta::from_delivery(&props, "default", Some("email")).expect("meta");
         assert_eq!((m.attempt, m.max_attempts), (0, FOREIGN_MAX_ATTEMPTS));
         assert_eq!(m.priority, Priority::Normal);
+    }
+
+    #[test]
+    fn a_long_error_is_cut_at_a_char_boundary() {
+        assert_eq!(truncate_error("short"), "short");
+        // Multi-byte characters straddle the cut.
+        let long = "é".repeat(100_000);
+        let cut = truncate_error(&long);
+        assert!(cut.len() <= MAX_ERROR_BYTES, "{}", cut.len());
+        assert!(cut.ends_with(TRUNCATED));
+        assert!(cut.starts_with("éé"));
+    }
+
+    #[test]
+    fn a_huge_attempt_header_is_clamped() {
+        let mut h = FieldTable::default();
+        h.insert(
+            H_ATTEMPT.into(),
+            AMQPValue::LongLongInt(i64::from(u32::MAX)),
+        );
+        h.insert(
+            H_MAX_ATTEMPTS.into(),
+            AMQPValue::LongLongInt(i64::from(u32::MAX)),
+        );
+        let props = BasicProperties::default().with_headers(h);
+        let m = Meta::from_delivery(&props, "default", Some("email")).expect("meta");
+        assert_eq!(m.attempt, u32::MAX);
+        let mut h = FieldTable::default();
+        h.insert(
+            H_ATTEMPT.into(),
+            AMQPValue::LongLongInt(i64::from(u32::MAX)),
+        );
+        let props = BasicProperties::default().with_headers(h);
+        let m = Meta::from_delivery(&props, "default", Some("email")).expect("meta");
+        assert_eq!(
+            (m.attempt, m.max_attempts),
+            (FOREIGN_MAX_ATTEMPTS, FOREIGN_MAX_ATTEMPTS)
+        );
     }
 
     #[test]

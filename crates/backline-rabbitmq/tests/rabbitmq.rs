@@ -635,3 +635,536 @@ async fn many_queues_share_a_few_channels() {
         .expect("a channel count");
     assert!(channels <= 6, "{channels} channels for 200 queues");
 }
+
+/// Deletes the named queues when dropped (a failed test cleans up too), for queues a handle
+/// may not have declared itself (ABP's names, declared here first).
+struct QueueGuard(Vec<String>);
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        let queues = std::mem::take(&mut self.0);
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(delete_queues(queues));
+            }
+        })
+        .join();
+    }
+}
+
+/// A raw connection and channel, as another publisher (ABP, a script) would use.
+async fn raw() -> (
+    backline_rabbitmq::lapin::Connection,
+    backline_rabbitmq::lapin::Channel,
+) {
+    use backline_rabbitmq::lapin::{Connection, ConnectionProperties};
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+/// How many ready messages the queue holds, by a passive declare on a raw channel.
+async fn ready_in(queue: &str) -> u32 {
+    use backline_rabbitmq::lapin::{options::QueueDeclareOptions, types::FieldTable};
+    let (conn, ch) = raw().await;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    let _ = conn.close(200, "done".into()).await;
+    q.message_count()
+}
+
+/// A job of `name` in `queue`, as the manager would prepare it.
+fn new_job(id: JobId, queue: &str, name: &str) -> backline_core::NewJob {
+    backline_core::NewJob {
+        id,
+        name: name.to_owned(),
+        queue: queue.to_owned(),
+        payload: serde_json::to_vec(&Task::ok("raw")).expect("encode"),
+        priority: backline_core::Priority::Normal,
+        run_at: backline_core::RunAt::Now,
+        max_attempts: 3,
+        timeout: None,
+    }
+}
+
+fn finish_ok(c: &ClaimedJob) -> Finish {
+    Finish {
+        id: c.job.id,
+        token: c.token,
+        outcome: Outcome::Succeeded { keep: false },
+    }
+}
+
+fn dead_filter() -> JobFilter {
+    JobFilter {
+        state: Some(JobState::Dead),
+        ..JobFilter::default()
+    }
+}
+
+/// A 200 KB error would not fit in one AMQP frame with the message's headers (the broker
+/// would close the whole connection, and every lease on it): it is cut to a few KiB, the job
+/// dies or retries with the cut error, and the other job held on the handle keeps its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_error_is_cut_and_costs_no_other_lease() {
+    let Some((_h, b)) = fresh().await else { return };
+    let manager = JobManager::new(Arc::new(b.clone()));
+    manager
+        .enqueue_batch((0..3).map(|i| Task::ok(format!("j{i}"))))
+        .await
+        .expect("enqueue");
+    let held = claim(&b, 3).await;
+    assert_eq!(held.len(), 3);
+    let huge = "é".repeat(100_000);
+    let applied = b
+        .finish(&[
+            Finish {
+                id: held[0].job.id,
+                token: held[0].token,
+                outcome: Outcome::Dead {
+                    error: huge.clone(),
+                },
+            },
+            Finish {
+                id: held[1].job.id,
+                token: held[1].token,
+                outcome: Outcome::Retry {
+                    delay: Duration::ZERO,
+                    error: huge.clone(),
+                },
+            },
+        ])
+        .await
+        .expect("finish");
+    assert_eq!(applied, [true, true]);
+    assert_eq!(
+        b.heartbeat(&[(held[2].job.id, held[2].token)], Duration::from_secs(30))
+            .await
+            .expect("heartbeat"),
+        [true],
+        "the connection survived"
+    );
+    assert_eq!(
+        b.finish(&[finish_ok(&held[2])]).await.expect("finish"),
+        [true]
+    );
+    let dead = b.list(&dead_filter()).await.expect("list dead");
+    assert_eq!(dead.len(), 1);
+    let err = dead[0].last_error.clone().unwrap_or_default();
+    assert!(err.len() <= 4096, "{} bytes", err.len());
+    assert!(
+        err.starts_with("éé") && err.ends_with("(truncated)"),
+        "{err}"
+    );
+    let again = eventually("the retried job", || async { claim(&b, 1).await.pop() }).await;
+    assert_eq!(again.job.id, held[1].job.id);
+    let err = again.job.last_error.clone().unwrap_or_default();
+    assert!(err.len() <= 4096 && err.ends_with("(truncated)"), "{err}");
+    assert_eq!(
+        b.finish(&[finish_ok(&again)]).await.expect("finish"),
+        [true]
+    );
+}
+
+/// Two messages with one job id (a duplicate publish: an enqueue retried after a confirm
+/// time-out, a `retry_dead` repeated) are two deliveries with two leases: both finish, and
+/// the broker holds no unacknowledged message afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_deliveries_of_one_id_are_two_leases() {
+    let Some((_h, b)) = fresh().await else { return };
+    let id = JobId::new();
+    b.push(vec![
+        new_job(id, "default", Task::NAME),
+        new_job(id, "default", Task::NAME),
+    ])
+    .await
+    .expect("push");
+    let both = claim(&b, 2).await;
+    assert_eq!(both.len(), 2);
+    assert!(both.iter().all(|c| c.job.id == id));
+    assert_ne!(both[0].token, both[1].token);
+    assert_eq!(
+        b.heartbeat(
+            &[(id, both[0].token), (id, both[1].token)],
+            Duration::from_secs(30)
+        )
+        .await
+        .expect("heartbeat"),
+        [true, true]
+    );
+    assert_eq!(
+        b.finish(&[finish_ok(&both[0]), finish_ok(&both[1])])
+            .await
+            .expect("finish"),
+        [true, true]
+    );
+    // Closing the connection hands back whatever it did not ack: nothing.
+    let work = b.work_queue_name("default", Task::NAME);
+    b.close().await;
+    assert_eq!(ready_in(&work).await, 0, "every delivery was acked");
+}
+
+/// A foreign message whose attempt header is `u32::MAX` is claimed (as its last attempt)
+/// without an arithmetic overflow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_attempt_header_does_not_overflow() {
+    use backline_rabbitmq::lapin::{
+        options::BasicPublishOptions,
+        types::{AMQPValue, FieldTable},
+        BasicProperties,
+    };
+    let Some((_h, b)) = fresh().await else { return };
+    assert!(claim(&b, 1).await.is_empty(), "declares the work queue");
+    let work = b.work_queue_name("default", Task::NAME);
+    let (conn, ch) = raw().await;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-backline-attempt".into(),
+        AMQPValue::LongLongInt(i64::from(u32::MAX)),
+    );
+    ch.basic_publish(
+        "".into(),
+        work.as_str().into(),
+        BasicPublishOptions::default(),
+        &serde_json::to_vec(&Task::ok("huge")).expect("encode"),
+        BasicProperties::default().with_headers(headers),
+    )
+    .await
+    .expect("publish");
+    let _ = conn.close(200, "done".into()).await;
+    let c = eventually("the foreign message", || async { claim(&b, 1).await.pop() }).await;
+    assert_eq!(c.job.attempt, c.job.max_attempts, "its last attempt");
+    assert_eq!(b.finish(&[finish_ok(&c)]).await.expect("finish"), [true]);
+}
+
+/// A quorum queue's delivery limit moves a poison message to the dead letters (not away):
+/// it lists with the broker's death time, and retention prunes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_delivery_limit_dead_letters_the_message() {
+    use backline_rabbitmq::lapin::options::{BasicGetOptions, BasicNackOptions};
+    let Some(h) = harness().await else { return };
+    let prefix = fresh_prefix();
+    h.prefixes
+        .lock()
+        .expect("harness lock")
+        .push(prefix.clone());
+    let quorum = |limit| {
+        RabbitMqConfig::new(url())
+            .with_prefix(&prefix)
+            .with_queue_kind(QueueKind::Quorum {
+                delivery_limit: limit,
+            })
+    };
+    assert!(matches!(
+        RabbitMqBackend::connect(quorum(0)).await,
+        Err(Error::Config(_))
+    ));
+    let b = RabbitMqBackend::connect(quorum(1)).await.expect("connect");
+    h.backends.lock().expect("harness lock").push(b.clone());
+    let id = JobManager::new(Arc::new(b.clone()))
+        .enqueue(Task::ok("poison"))
+        .await
+        .expect("enqueue");
+    let work = b.work_queue_name("default", Task::NAME);
+    let (conn, ch) = raw().await;
+    // Deliver and hand back until the broker gives up on it.
+    eventually("the delivery limit to dead-letter the job", || async {
+        if let Some(m) = ch
+            .basic_get(work.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .expect("get")
+        {
+            m.delivery
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await
+                .expect("nack");
+        }
+        let c = b.counts(None).await.expect("counts");
+        (c.dead == 1).then_some(())
+    })
+    .await;
+    let _ = conn.close(200, "done".into()).await;
+    let dead = b.list(&dead_filter()).await.expect("list dead");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, id);
+    assert!(dead[0].finished_at.is_some(), "the broker's death time");
+    let report = b
+        .maintain(&backline_core::Maintenance {
+            batch: 10,
+            succeeded_ttl: Duration::ZERO,
+            dead_ttl: Duration::ZERO,
+        })
+        .await
+        .expect("maintain");
+    assert_eq!(report.pruned, 1);
+    assert_eq!(b.counts(None).await.expect("counts").dead, 0);
+}
+
+/// A message without Backline headers in a landing queue (its job name unknown) goes to the
+/// dead letters with a reason, not away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_message_in_a_landing_queue_is_dead_lettered() {
+    use backline_rabbitmq::lapin::{
+        options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
+        types::FieldTable,
+        BasicProperties,
+    };
+    let Some(h) = harness().await else { return };
+    let prefix = fresh_prefix();
+    h.prefixes
+        .lock()
+        .expect("harness lock")
+        .push(prefix.clone());
+    h.twins.store(true, std::sync::atomic::Ordering::SeqCst);
+    let b = RabbitMqBackend::connect(
+        RabbitMqConfig::new(url())
+            .with_prefix(&prefix)
+            .with_known_job("default", Task::NAME),
+    )
+    .await
+    .expect("connect");
+    h.backends.lock().expect("harness lock").push(b.clone());
+    let landing = format!("{prefix}.default.~landing");
+    let (conn, ch) = raw().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    ch.queue_declare(
+        landing.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+    ch.basic_publish(
+        "".into(),
+        landing.as_str().into(),
+        BasicPublishOptions::default(),
+        b"not a job",
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+    let _ = conn.close(200, "done".into()).await;
+    b.maintain(&backline_core::Maintenance {
+        batch: 10,
+        succeeded_ttl: Duration::ZERO,
+        dead_ttl: Duration::from_secs(3600),
+    })
+    .await
+    .expect("maintain");
+    let c = b.counts(None).await.expect("counts");
+    assert_eq!((c.scheduled, c.dead), (0, 1), "{c:?}");
+}
+
+/// Under `QueueNaming::Abp`, a queue ABP declared first (durable, no arguments) is used as it
+/// is: Backline declares it the same way (no priorities there), so neither side is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abp_naming_uses_a_queue_abp_declared_first() {
+    use backline_rabbitmq::lapin::{options::QueueDeclareOptions, types::FieldTable};
+    let Some(h) = harness().await else { return };
+    let prefix = fresh_prefix();
+    h.prefixes
+        .lock()
+        .expect("harness lock")
+        .push(prefix.clone());
+    let name = format!("BacklineTest{:016x}", fastrand::u64(..));
+    let abp_queue = format!("AbpBackgroundJobs.{name}");
+    let _guard = QueueGuard(vec![abp_queue.clone()]);
+    let (conn, ch) = raw().await;
+    ch.queue_declare(
+        abp_queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare as ABP does");
+    let _ = conn.close(200, "done".into()).await;
+    let b = RabbitMqBackend::connect(
+        RabbitMqConfig::new(url())
+            .with_prefix(&prefix)
+            .with_naming(QueueNaming::Abp),
+    )
+    .await
+    .expect("connect");
+    h.backends.lock().expect("harness lock").push(b.clone());
+    assert_eq!(b.work_queue_name("default", &name), abp_queue);
+    let id = JobId::new();
+    b.push(vec![new_job(id, "default", &name)])
+        .await
+        .expect("push into ABP's queue");
+    let names = vec![name.clone()];
+    let c = eventually("the job", || async {
+        b.claim(ClaimRequest {
+            queue: "default",
+            names: &names,
+            limit: 1,
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .expect("claim")
+        .pop()
+    })
+    .await;
+    assert_eq!(c.job.id, id);
+    assert_eq!(b.finish(&[finish_ok(&c)]).await.expect("finish"), [true]);
+}
+
+/// Names that would collide with other queues are refused: a `.` in a queue name (queue
+/// `a.b` + job `c` and queue `a` + job `b.c` would share a work queue), a leading `~` (the
+/// mark of the wait, landing and dead queues) in a queue or job name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colliding_names_are_refused() {
+    let Some((_h, b)) = fresh().await else { return };
+    for (queue, name) in [("a.b", "c"), ("default", "~dead"), ("~x", "c")] {
+        match b.push(vec![new_job(JobId::new(), queue, name)]).await {
+            Err(Error::InvalidJob(msg)) => assert!(msg.contains('~') || msg.contains('.'), "{msg}"),
+            other => panic!("{queue}/{name}: expected InvalidJob, got {other:?}"),
+        }
+    }
+    // Job names with dots are fine (the name is the last part of the queue name).
+    b.push(vec![new_job(JobId::new(), "a", "b.c")])
+        .await
+        .expect("a dotted job name");
+    let err = b
+        .claim(ClaimRequest {
+            queue: "a.b",
+            names: &["c".to_owned()],
+            limit: 1,
+            lease: Duration::from_secs(30),
+        })
+        .await;
+    assert!(matches!(err, Err(Error::InvalidJob(_))), "{err:?}");
+    assert!(matches!(
+        RabbitMqBackend::connect(RabbitMqConfig::new(url()).with_prefix("a.b")).await,
+        Err(Error::Config(_))
+    ));
+}
+
+/// Dead letters page by id across queues: offset and limit apply to the whole ordered list,
+/// not to each queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_page_by_id_across_queues() {
+    let Some((_h, b)) = fresh().await else { return };
+    let mut ids = Vec::new();
+    for queue in ["b", "a", "b", "a"] {
+        let id = JobId::new();
+        b.push(vec![new_job(id, queue, Task::NAME)])
+            .await
+            .expect("push");
+        let c = b
+            .claim(ClaimRequest {
+                queue,
+                names: &task_names(),
+                limit: 1,
+                lease: Duration::from_secs(30),
+            })
+            .await
+            .expect("claim")
+            .pop()
+            .expect("claimed");
+        assert_eq!(
+            b.finish(&[Finish {
+                id,
+                token: c.token,
+                outcome: Outcome::Dead {
+                    error: "dead".into()
+                },
+            }])
+            .await
+            .expect("finish"),
+            [true]
+        );
+        ids.push(id);
+    }
+    let page = b
+        .list(&JobFilter {
+            offset: 1,
+            limit: 2,
+            ..dead_filter()
+        })
+        .await
+        .expect("list");
+    let got: Vec<JobId> = page.iter().map(|j| j.id).collect();
+    assert_eq!(got, ids[1..3]);
+}
+
+/// Counting creates no queue (passive declares), and retention reaches a dead queue that
+/// another handle declared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_create_nothing_and_retention_reaches_other_handles_dead_letters() {
+    let Some((h, b)) = fresh().await else { return };
+    let prefix = h.current();
+    let id = JobManager::new(Arc::new(b.clone()))
+        .enqueue(Task::new("doomed", Action::Fatal))
+        .await
+        .expect("enqueue");
+    let c = claim(&b, 1).await.pop().expect("claimed");
+    assert_eq!(
+        b.finish(&[Finish {
+            id,
+            token: c.token,
+            outcome: Outcome::Dead {
+                error: "dead".into()
+            },
+        }])
+        .await
+        .expect("finish"),
+        [true]
+    );
+    let operator = RabbitMqBackend::connect(
+        RabbitMqConfig::new(url())
+            .with_prefix(&prefix)
+            .with_known_job("default", Task::NAME)
+            .with_known_job("unused", Task::NAME),
+    )
+    .await
+    .expect("connect");
+    h.backends
+        .lock()
+        .expect("harness lock")
+        .push(operator.clone());
+    let counts = operator.counts(None).await.expect("counts");
+    assert_eq!(counts.dead, 1, "{counts:?}");
+    assert!(
+        operator.declared_queues().is_empty(),
+        "{:?}",
+        operator.declared_queues()
+    );
+    let report = operator
+        .maintain(&backline_core::Maintenance {
+            batch: 10,
+            succeeded_ttl: Duration::ZERO,
+            dead_ttl: Duration::ZERO,
+        })
+        .await
+        .expect("maintain");
+    assert_eq!(report.pruned, 1);
+    assert_eq!(operator.counts(None).await.expect("counts").dead, 0);
+}
