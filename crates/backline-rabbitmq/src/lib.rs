@@ -131,6 +131,81 @@ impl Conn {
     }
 }
 
+/// Passive declares (how many messages a queue holds, without creating it or checking its
+/// arguments) on a channel of their own, opened per inspection call: the broker answers a
+/// missing queue with 404, which closes the channel it came on, so it must never be the admin
+/// channel other calls are using at the same moment. It is reopened after each 404 and closed
+/// when the probe is dropped.
+struct Probe<'a> {
+    conn: &'a Conn,
+    channel: Option<Channel>,
+}
+
+impl<'a> Probe<'a> {
+    fn new(conn: &'a Conn) -> Self {
+        Probe {
+            conn,
+            channel: None,
+        }
+    }
+
+    /// The messages in `name`, or `None` if there is no such queue.
+    async fn passive(&mut self, name: &str) -> Result<Option<u32>> {
+        if name.len() > MAX_QUEUE_NAME {
+            return Ok(None);
+        }
+        let channel = match &self.channel {
+            Some(c) if c.status().connected() => c.clone(),
+            _ => {
+                let c = self
+                    .conn
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| conn_err("channel.open", e))?;
+                self.channel = Some(c.clone());
+                c
+            }
+        };
+        let declared = channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(q) => Ok(Some(q.message_count())),
+            Err(e) if is_not_found(&e) => {
+                // The broker closed the channel with the 404.
+                self.channel = None;
+                Ok(None)
+            }
+            Err(e) => Err(conn_err("queue.declare", e)),
+        }
+    }
+
+    /// [`passive`](Self::passive), a missing queue counting 0.
+    async fn count(&mut self, name: &str) -> Result<u64> {
+        Ok(self.passive(name).await?.map_or(0, u64::from))
+    }
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.channel.take() {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = c.close(200, "probe done".into()).await;
+                });
+            }
+        }
+    }
+}
+
 struct Held {
     acker: Acker,
     generation: u64,
@@ -632,37 +707,6 @@ impl Inner {
         lock(&self.declared).insert(name.to_owned());
         lock(&self.ever_declared).insert(name.to_owned());
         Ok(q.message_count())
-    }
-
-    /// How many messages the queue `name` holds, without creating it or checking its
-    /// arguments (a passive declare); `None` if it does not exist. A 404 closes the admin
-    /// channel, which the next call reopens.
-    async fn passive_count(&self, conn: &Conn, name: &str) -> Result<Option<u32>> {
-        if name.len() > MAX_QUEUE_NAME {
-            return Ok(None);
-        }
-        let declared = conn
-            .admin()
-            .await?
-            .queue_declare(
-                name.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(q) => Ok(Some(q.message_count())),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(conn_err("queue.declare", e)),
-        }
-    }
-
-    /// [`passive_count`](Self::passive_count), a missing queue counting 0.
-    async fn count(&self, conn: &Conn, name: &str) -> Result<u64> {
-        Ok(self.passive_count(conn, name).await?.map_or(0, u64::from))
     }
 
     fn is_declared(&self, name: &str) -> bool {
@@ -1433,8 +1477,12 @@ impl Backend for RabbitMqBackend {
             // Landing queues that no relay consumer of this handle serves.
             if lock(&inner.relays).get(queue) != Some(&conn.generation) {
                 let landing = inner.landing_name(queue);
-                // Passive: a queue that was never delayed has no landing queue to create.
-                let waiting = inner.count(&conn, &landing).await?;
+                // A plain declare (it creates an empty landing queue at worst) tells how many
+                // messages wait, without the 404 a passive declare of a missing queue costs
+                // (a closed channel) on every maintenance pass.
+                let waiting = inner
+                    .declare(&conn, &landing, FieldTable::default())
+                    .await?;
                 for _ in 0..m.batch.min(usize::try_from(waiting).unwrap_or(usize::MAX)) {
                     let Some(msg) = conn
                         .claim
@@ -1476,10 +1524,10 @@ impl Backend for RabbitMqBackend {
                 .ok()
                 .and_then(|ttl| Utc::now().checked_sub_signed(ttl))
                 .unwrap_or(DateTime::<Utc>::MIN_UTC);
-            // A passive declare: a dead queue another handle (or connection) declared counts
-            // too, and a missing one is not created.
+            // Declared here (plain, like the landing queue above), so a dead queue another
+            // handle or connection filled is pruned too.
             let dead = inner.dead_name(queue);
-            if inner.count(&conn, &dead).await? > 0 {
+            if inner.declare(&conn, &dead, FieldTable::default()).await? > 0 {
                 let mut pruned = 0u64;
                 inner
                     .scan_dead(queue, m.batch, |meta, _| match meta.died_at {
@@ -1528,17 +1576,18 @@ impl Backend for RabbitMqBackend {
         let inner = &self.inner;
         let conn = inner.conn().await?;
         let mut c = Counts::default();
+        let mut probe = Probe::new(&conn);
         let queues = inner.known_queues(queue);
         for (q, names) in &queues {
             // Passive declares: counting creates no queue and checks no arguments.
             for name in names {
-                c.ready += inner.count(&conn, &inner.work_name(q, name)).await?;
+                c.ready += probe.count(&inner.work_name(q, name)).await?;
             }
-            c.scheduled += inner.count(&conn, &inner.landing_name(q)).await?;
+            c.scheduled += probe.count(&inner.landing_name(q)).await?;
             for step in MIN_STEP..=MAX_STEP {
-                c.scheduled += inner.count(&conn, &inner.step_name(q, step)).await?;
+                c.scheduled += probe.count(&inner.step_name(q, step)).await?;
             }
-            c.dead += inner.count(&conn, &inner.dead_name(q)).await?;
+            c.dead += probe.count(&inner.dead_name(q)).await?;
         }
         let held = lock(&inner.held);
         c.running = held
@@ -1579,6 +1628,7 @@ impl Backend for RabbitMqBackend {
     async fn purge(&self, state: JobState, queue: Option<&str>) -> Result<u64> {
         let inner = &self.inner;
         let conn = inner.conn().await?;
+        let mut probe = Probe::new(&conn);
         let mut n = 0u64;
         for (q, names) in inner.known_queues(queue) {
             let targets: Vec<String> =
@@ -1594,7 +1644,7 @@ impl Backend for RabbitMqBackend {
                     )),
                 };
             for t in targets {
-                if inner.passive_count(&conn, &t).await?.is_none() {
+                if probe.passive(&t).await?.is_none() {
                     continue;
                 }
                 n += u64::from(
