@@ -18,6 +18,8 @@ pub enum QueueNaming {
     Prefixed,
     /// ABP's names: `AbpBackgroundJobs.{JobName}` for the `default` queue (so Backline and
     /// ABP's RabbitMQ provider share queues), `{prefix}.{queue}.{JobName}` for the others.
+    /// Those `AbpBackgroundJobs.*` queues are declared as ABP declares them, durable and
+    /// without arguments (classic kind): **priorities are not honoured there**.
     Abp,
 }
 
