@@ -6,9 +6,8 @@
 
 mod support;
 
-use backline_core::{EnqueueOptions, Error, JobManager};
+use backline_core::Error;
 use backline_sql::{SqlBackend, SqlConfig};
-use backline_testkit::Task;
 use support::{fresh_table, Db};
 
 const DB: Db = Db::Mysql;
@@ -36,27 +35,8 @@ async fn a_rolled_back_transaction_leaves_no_job() {
         return;
     }
     let b = connect(&fresh_table()).await;
-    let manager = JobManager::new(b.clone());
     let pool = b.mysql_pool().expect("mysql").clone();
-
-    let mut tx = pool.begin().await.expect("begin");
-    let job = manager
-        .prepare(&Task::ok("rolled back"), EnqueueOptions::new())
-        .expect("prepare");
-    let gone = b.enqueue_in(&mut *tx, job).await.expect("enqueue in tx");
-    tx.rollback().await.expect("rollback");
-    assert!(manager.get(gone).await.expect("get").is_none());
-
-    let mut tx = pool.begin().await.expect("begin");
-    let job = manager
-        .prepare(&Task::ok("committed"), EnqueueOptions::new())
-        .expect("prepare");
-    let kept = b.enqueue_in(&mut *tx, job).await.expect("enqueue in tx");
-    // Not visible to others before the commit.
-    assert!(manager.get(kept).await.expect("get").is_none());
-    tx.commit().await.expect("commit");
-    assert!(manager.get(kept).await.expect("get").is_some());
-    assert_eq!(manager.counts(None).await.expect("counts").total(), 1);
+    support::rolled_back_and_committed(&b, &pool).await;
 }
 
 #[tokio::test]
@@ -65,18 +45,7 @@ async fn the_claim_reads_the_claim_index_without_sorting() {
         return;
     }
     let b = connect(&fresh_table()).await;
-    let manager = JobManager::new(b.clone());
-    for chunk in 0..10 {
-        manager
-            .enqueue_batch((0..1000).map(|i| Task::ok(format!("{chunk}-{i}"))))
-            .await
-            .expect("enqueue");
-    }
-    let pool = b.mysql_pool().expect("mysql");
-    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE TABLE {}", b.table())))
-        .execute(pool)
-        .await
-        .expect("analyze");
+    support::fill_and_analyze(&b, "ANALYZE TABLE").await;
     let plan = b
         .explain_claim("default", &["testkit.task".to_owned()])
         .await
@@ -87,7 +56,6 @@ async fn the_claim_reads_the_claim_index_without_sorting() {
         b.claim_index_name()
     );
     assert!(!plan.contains("filesort"), "the claim sorts:\n{plan}");
-    eprintln!("{plan}");
 }
 
 #[tokio::test]

@@ -36,27 +36,8 @@ async fn a_rolled_back_transaction_leaves_no_job() {
         return;
     }
     let b = connect(&fresh_table()).await;
-    let manager = JobManager::new(b.clone());
     let pool = b.pg_pool().expect("postgres").clone();
-
-    let mut tx = pool.begin().await.expect("begin");
-    let job = manager
-        .prepare(&Task::ok("rolled back"), EnqueueOptions::new())
-        .expect("prepare");
-    let gone = b.enqueue_in(&mut *tx, job).await.expect("enqueue in tx");
-    tx.rollback().await.expect("rollback");
-    assert!(manager.get(gone).await.expect("get").is_none());
-
-    let mut tx = pool.begin().await.expect("begin");
-    let job = manager
-        .prepare(&Task::ok("committed"), EnqueueOptions::new())
-        .expect("prepare");
-    let kept = b.enqueue_in(&mut *tx, job).await.expect("enqueue in tx");
-    // Not visible to others before the commit.
-    assert!(manager.get(kept).await.expect("get").is_none());
-    tx.commit().await.expect("commit");
-    assert!(manager.get(kept).await.expect("get").is_some());
-    assert_eq!(manager.counts(None).await.expect("counts").total(), 1);
+    support::rolled_back_and_committed(&b, &pool).await;
 }
 
 #[tokio::test]
@@ -65,18 +46,7 @@ async fn the_claim_reads_the_claim_index_without_sorting() {
         return;
     }
     let b = connect(&fresh_table()).await;
-    let manager = JobManager::new(b.clone());
-    for chunk in 0..10 {
-        manager
-            .enqueue_batch((0..1000).map(|i| Task::ok(format!("{chunk}-{i}"))))
-            .await
-            .expect("enqueue");
-    }
-    let pool = b.pg_pool().expect("postgres");
-    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {}", b.table())))
-        .execute(pool)
-        .await
-        .expect("analyze");
+    support::fill_and_analyze(&b, "ANALYZE").await;
     let plan = b
         .explain_claim("default", &["testkit.task".to_owned()])
         .await
@@ -102,18 +72,7 @@ async fn the_finish_finds_jobs_through_the_primary_key() {
         return;
     }
     let b = connect(&fresh_table()).await;
-    let manager = JobManager::new(b.clone());
-    for chunk in 0..10 {
-        manager
-            .enqueue_batch((0..1000).map(|i| Task::ok(format!("{chunk}-{i}"))))
-            .await
-            .expect("enqueue");
-    }
-    let pool = b.pg_pool().expect("postgres");
-    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {}", b.table())))
-        .execute(pool)
-        .await
-        .expect("analyze");
+    support::fill_and_analyze(&b, "ANALYZE").await;
     let plan = b.explain_finish().await.expect("explain");
     let name = b.table().name().to_owned();
     assert!(

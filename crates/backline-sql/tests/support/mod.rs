@@ -193,3 +193,59 @@ impl backline_testkit::Harness for SqlHarness {
         Arc::new(self.db.connect(&table).await)
     }
 }
+
+/// A job enqueued in a rolled-back transaction leaves nothing; one enqueued in a committed
+/// transaction is invisible to others until the commit, then there.
+pub(crate) async fn rolled_back_and_committed<DB>(b: &SqlBackend, pool: &sqlx::Pool<DB>)
+where
+    DB: sqlx::Database,
+    DB::Connection: backline_sql::EnqueueConnection,
+{
+    use backline_core::{EnqueueOptions, JobManager};
+    use backline_testkit::Task;
+
+    let manager = JobManager::new(b.clone());
+    let mut tx = pool.begin().await.expect("begin");
+    let job = manager
+        .prepare(&Task::ok("rolled back"), EnqueueOptions::new())
+        .expect("prepare");
+    let gone = b.enqueue_in(&mut *tx, job).await.expect("enqueue in tx");
+    tx.rollback().await.expect("rollback");
+    assert!(manager.get(gone).await.expect("get").is_none());
+
+    let mut tx = pool.begin().await.expect("begin");
+    let job = manager
+        .prepare(&Task::ok("committed"), EnqueueOptions::new())
+        .expect("prepare");
+    let kept = b.enqueue_in(&mut *tx, job).await.expect("enqueue in tx");
+    // Not visible to others before the commit.
+    assert!(manager.get(kept).await.expect("get").is_none());
+    tx.commit().await.expect("commit");
+    assert!(manager.get(kept).await.expect("get").is_some());
+    assert_eq!(manager.counts(None).await.expect("counts").total(), 1);
+}
+
+/// Enqueues 10,000 ready jobs in batches, then refreshes the table's statistics (`ANALYZE`),
+/// so that a plan read afterwards is the one a busy queue gets.
+pub(crate) async fn fill_and_analyze(b: &SqlBackend, analyze: &str) {
+    let manager = backline_core::JobManager::new(b.clone());
+    for chunk in 0..10 {
+        manager
+            .enqueue_batch((0..1000).map(|i| backline_testkit::Task::ok(format!("{chunk}-{i}"))))
+            .await
+            .expect("enqueue");
+    }
+    let sql = format!("{analyze} {}", b.table());
+    let done = match (b.pg_pool(), b.mysql_pool()) {
+        (Some(pool), _) => sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .map(|_| ()),
+        (None, Some(pool)) => sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .map(|_| ()),
+        (None, None) => Ok(()),
+    };
+    done.expect("analyze");
+}
