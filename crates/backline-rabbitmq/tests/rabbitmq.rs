@@ -202,9 +202,19 @@ fn task_names() -> Vec<String> {
 }
 
 async fn claim(b: &RabbitMqBackend, limit: usize) -> Vec<ClaimedJob> {
+    claim_from(b, "default", &task_names(), limit).await
+}
+
+/// Claims up to `limit` jobs of `names` from `queue` with a 30 s lease; panics on an error.
+async fn claim_from(
+    b: &RabbitMqBackend,
+    queue: &str,
+    names: &[String],
+    limit: usize,
+) -> Vec<ClaimedJob> {
     b.claim(ClaimRequest {
-        queue: "default",
-        names: &task_names(),
+        queue,
+        names,
         limit,
         lease: Duration::from_secs(30),
     })
@@ -376,16 +386,7 @@ async fn abp_naming_and_a_message_without_headers() {
     );
     let names = vec![name.clone()];
     // Declares the queue.
-    assert!(b
-        .claim(ClaimRequest {
-            queue: "default",
-            names: &names,
-            limit: 1,
-            lease: Duration::from_secs(30),
-        })
-        .await
-        .expect("claim")
-        .is_empty());
+    assert!(claim_from(&b, "default", &names, 1).await.is_empty());
     let conn = Connection::connect(&url(), ConnectionProperties::default())
         .await
         .expect("connect");
@@ -403,15 +404,7 @@ async fn abp_naming_and_a_message_without_headers() {
     .expect("confirm");
     let _ = conn.close(200, "done".into()).await;
     let claimed = eventually("the foreign message", || async {
-        b.claim(ClaimRequest {
-            queue: "default",
-            names: &names,
-            limit: 1,
-            lease: Duration::from_secs(30),
-        })
-        .await
-        .expect("claim")
-        .pop()
+        claim_from(&b, "default", &names, 1).await.pop()
     })
     .await;
     assert_eq!(claimed.job.name, name);
@@ -600,15 +593,7 @@ async fn many_queues_share_a_few_channels() {
     h.backends.lock().expect("harness lock").push(b.clone());
     for i in 0..200 {
         let queue = format!("q{i:03}");
-        let got = b
-            .claim(ClaimRequest {
-                queue: &queue,
-                names: &task_names(),
-                limit: 1,
-                lease: Duration::from_secs(30),
-            })
-            .await
-            .expect("claim");
+        let got = claim_from(&b, &queue, &task_names(), 1).await;
         assert!(got.is_empty());
     }
     let out = tokio::process::Command::new("rabbitmqctl")
@@ -1021,15 +1006,7 @@ async fn abp_naming_uses_a_queue_abp_declared_first() {
         .expect("push into ABP's queue");
     let names = vec![name.clone()];
     let c = eventually("the job", || async {
-        b.claim(ClaimRequest {
-            queue: "default",
-            names: &names,
-            limit: 1,
-            lease: Duration::from_secs(30),
-        })
-        .await
-        .expect("claim")
-        .pop()
+        claim_from(&b, "default", &names, 1).await.pop()
     })
     .await;
     assert_eq!(c.job.id, id);
@@ -1078,15 +1055,8 @@ async fn dead_letters_page_by_id_across_queues() {
         b.push(vec![new_job(id, queue, Task::NAME)])
             .await
             .expect("push");
-        let c = b
-            .claim(ClaimRequest {
-                queue,
-                names: &task_names(),
-                limit: 1,
-                lease: Duration::from_secs(30),
-            })
+        let c = claim_from(&b, queue, &task_names(), 1)
             .await
-            .expect("claim")
             .pop()
             .expect("claimed");
         assert_eq!(
