@@ -53,6 +53,7 @@ pub struct RabbitMqConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) reconnect_attempts: u32,
     pub(crate) confirm_timeout: Duration,
+    pub(crate) wake_linger: Duration,
     pub(crate) known_jobs: Vec<(String, String)>,
 }
 
@@ -68,6 +69,7 @@ impl std::fmt::Debug for RabbitMqConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect_attempts", &self.reconnect_attempts)
             .field("confirm_timeout", &self.confirm_timeout)
+            .field("wake_linger", &self.wake_linger)
             .field("known_jobs", &self.known_jobs)
             .finish()
     }
@@ -88,6 +90,7 @@ impl RabbitMqConfig {
             connect_timeout: Duration::from_secs(5),
             reconnect_attempts: 3,
             confirm_timeout: Duration::from_secs(30),
+            wake_linger: Duration::from_millis(1),
             known_jobs: Vec::new(),
         }
     }
@@ -151,6 +154,17 @@ impl RabbitMqConfig {
     /// may still have been stored: an `enqueue` retried after a time-out can store it twice.
     pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
+        self
+    }
+
+    /// How long this handle coalesces the wake-ups it sends other handles for one queue
+    /// (default 1 ms). The first job to come due after a quiet spell wakes the others at once;
+    /// jobs that come due within the linger after it are announced together when it ends, so
+    /// other processes hear of them up to this much later. Each wake-up is a message the
+    /// broker routes: one per job halved the rate of enqueues one by one. `Duration::ZERO`
+    /// still coalesces wake-ups that are due while one is being sent.
+    pub fn with_wake_linger(mut self, linger: Duration) -> Self {
+        self.wake_linger = linger;
         self
     }
 

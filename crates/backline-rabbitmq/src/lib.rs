@@ -4,7 +4,7 @@ mod config;
 mod message;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -217,6 +217,10 @@ struct Held {
 struct Signal {
     seq: AtomicU64,
     notify: tokio::sync::Notify,
+    /// Whether a wake-up sender task runs for this queue (see [`Inner::wake_others`]).
+    waking: AtomicBool,
+    /// Whether a job came due since the sender's last wake-up began.
+    wake_again: AtomicBool,
 }
 
 impl Signal {
@@ -444,26 +448,62 @@ impl Inner {
 
     /// Tells every handle waiting on `queue` (in any process) that jobs may be due: a
     /// transient message on `amq.direct`, unconfirmed (a lost one costs a poll interval).
+    ///
+    /// Wake-ups are coalesced, at most one per queue per `wake_linger` (default 1 ms,
+    /// [`RabbitMqConfig::with_wake_linger`]) from a handle: every
+    /// publish is a message the broker routes, and one per enqueued job halved the rate of
+    /// enqueues one by one. The first wake-up after a quiet spell goes out at once, from a task
+    /// of its own (the caller does not wait for it); jobs that come due while it lingers are
+    /// announced by one more wake-up when the linger ends. No job is left unannounced: a caller
+    /// either starts the sender or marks `wake_again` before the sender's last check.
     async fn wake_others(&self, conn: &Conn, queue: &str) {
         let key = self.wake_key(queue);
         if key.len() > MAX_QUEUE_NAME {
             return;
         }
+        let signal = self.signal(queue);
+        signal.wake_again.store(true, Ordering::SeqCst);
+        if signal.waking.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let Ok(admin) = conn.admin().await else {
+            signal.waking.store(false, Ordering::SeqCst);
             return;
         };
-        let sent = admin
-            .basic_publish(
-                WAKE_EXCHANGE.into(),
-                key.as_str().into(),
-                BasicPublishOptions::default(),
-                b"",
-                BasicProperties::default(),
-            )
-            .await;
-        if let Err(e) = sent {
-            tracing::debug!(queue = %queue, error = %e, "wake-up publish failed");
-        }
+        let queue = queue.to_owned();
+        let linger = self.config.wake_linger;
+        tokio::spawn(async move {
+            loop {
+                signal.wake_again.store(false, Ordering::SeqCst);
+                let sent = admin
+                    .basic_publish(
+                        WAKE_EXCHANGE.into(),
+                        key.as_str().into(),
+                        BasicPublishOptions::default(),
+                        b"",
+                        BasicProperties::default(),
+                    )
+                    .await;
+                if let Err(e) = sent {
+                    tracing::debug!(queue = %queue, error = %e, "wake-up publish failed");
+                }
+                if !linger.is_zero() {
+                    tokio::time::sleep(linger).await;
+                }
+                if signal.wake_again.load(Ordering::SeqCst) {
+                    continue;
+                }
+                signal.waking.store(false, Ordering::SeqCst);
+                // A caller that marked `wake_again` after the check above but saw `waking`
+                // still set has left the wake-up to this task: send it, unless another caller
+                // has started a new sender in the meantime.
+                if !signal.wake_again.load(Ordering::SeqCst)
+                    || signal.waking.swap(true, Ordering::SeqCst)
+                {
+                    break;
+                }
+            }
+        });
     }
 
     /// Listens to `queue`'s wake-ups on this connection, once: an exclusive, auto-deleted
@@ -1317,20 +1357,35 @@ impl Backend for RabbitMqBackend {
         let now = Utc::now();
         let mut ids = Vec::with_capacity(jobs.len());
         let mut pending = Vec::with_capacity(jobs.len());
-        let mut woken: BTreeSet<String> = BTreeSet::new();
+        let mut woken: BTreeSet<&str> = BTreeSet::new();
+        // The work queue of the batch's last (queue, name): a batch is mostly one job type,
+        // so most jobs skip the declared-queue lookup and the name formatting.
+        let mut last: Option<(&str, &str, Arc<str>)> = None;
         for job in &jobs {
             // Declares the work queue and remembers the name even for a delayed job.
-            inner.ensure_work(&conn, &job.queue, &job.name).await?;
+            let work = match &last {
+                Some((q, n, w)) if *q == job.queue && *n == job.name => w.clone(),
+                _ => {
+                    let w: Arc<str> = inner
+                        .ensure_work(&conn, &job.queue, &job.name)
+                        .await?
+                        .into();
+                    last = Some((&job.queue, &job.name, w.clone()));
+                    w
+                }
+            };
             let run_at = match job.run_at {
-                RunAt::Now => now,
-                RunAt::After(d) => later(now, d),
-                RunAt::At(t) => t,
+                RunAt::Now => None,
+                RunAt::After(d) => Some(later(now, d)),
+                RunAt::At(t) => Some(t),
             };
             let meta = Meta::new(job, now, run_at);
-            let (target, due) = inner.route(&conn, &meta, now).await?;
-            if due {
-                woken.insert(job.queue.clone());
-            }
+            let target: Arc<str> = if meta.run_at <= now {
+                woken.insert(&job.queue);
+                work
+            } else {
+                inner.route(&conn, &meta, now).await?.0.into()
+            };
             let deadline = inner.deadline();
             let confirm = inner
                 .publish(&conn, &target, &meta, &job.payload, deadline)
@@ -1342,8 +1397,8 @@ impl Backend for RabbitMqBackend {
             inner.confirmed(confirm, &target, deadline).await?;
         }
         for q in woken {
-            inner.signal(&q).bump();
-            inner.wake_others(&conn, &q).await;
+            inner.signal(q).bump();
+            inner.wake_others(&conn, q).await;
         }
         Ok(ids)
     }

@@ -515,6 +515,54 @@ async fn a_push_from_another_handle_and_a_due_delay_wake_an_idle_server() {
     assert_eq!(rec.tags(), ["first", "second", "delayed"]);
 }
 
+/// Wake-ups are coalesced: a job that comes due while the producer lingers after a wake-up
+/// (here 300 ms) is announced by one more wake-up when the linger ends, never dropped. The
+/// listening handle's `wait` (the server's idle wait) returns for both jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_coalesced_during_the_linger_is_sent_when_it_ends() {
+    let Some((h, listener)) = fresh().await else {
+        return;
+    };
+    let producer = RabbitMqBackend::connect(
+        RabbitMqConfig::new(url())
+            .with_prefix(h.current())
+            .with_wake_linger(Duration::from_millis(300)),
+    )
+    .await
+    .expect("connect");
+    h.backends
+        .lock()
+        .expect("harness lock")
+        .push(producer.clone());
+    let manager = JobManager::new(Arc::new(producer.clone()));
+    // The first wait binds the listener's wake-up queue.
+    let s0 = listener
+        .wait("default", u64::MAX, Duration::from_millis(1))
+        .await
+        .expect("wait");
+    manager.enqueue(Task::ok("first")).await.expect("enqueue");
+    let s1 = listener
+        .wait("default", s0, Duration::from_secs(20))
+        .await
+        .expect("wait");
+    assert!(s1 > s0, "the first job's wake-up did not arrive");
+    // Within the producer's linger: no wake-up now, one when the linger ends.
+    manager.enqueue(Task::ok("second")).await.expect("enqueue");
+    let s2 = listener
+        .wait("default", s1, Duration::from_secs(20))
+        .await
+        .expect("wait");
+    assert!(s2 > s1, "the second job's wake-up never came");
+    assert_eq!(
+        producer
+            .counts(Some("default"))
+            .await
+            .expect("counts")
+            .ready,
+        2
+    );
+}
+
 /// A queue that exists with other arguments (here: quorum, while this handle declares classic
 /// queues) refuses the declaration with a configuration error, and the jobs this handle holds
 /// keep their leases (only the declaring channel is closed).
