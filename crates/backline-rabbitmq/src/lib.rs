@@ -97,6 +97,12 @@ struct Conn {
     publish: Channel,
     /// Claims (`basic.get`) and their acks.
     claim: Channel,
+    /// The delivery tags of `claim` neither acked nor handed back yet (see [`Inner::ack_claimed`]).
+    open_tags: Mutex<BTreeSet<u64>>,
+    /// Held while claims' `basic.get`s are under way, until their tags are in `open_tags`.
+    claiming: tokio::sync::Mutex<()>,
+    /// Held while an ack or nack on `claim` is planned and sent: frames go out in plan order.
+    acking: tokio::sync::Mutex<()>,
     /// Declarations, purges and wake-ups. A refused declaration (other arguments) closes only
     /// this channel: it is reopened on its own, and the claimed jobs keep their leases.
     admin: Mutex<Channel>,
@@ -208,6 +214,8 @@ impl Drop for Probe<'_> {
 
 struct Held {
     acker: Acker,
+    /// The delivery tag on the claim channel of connection `generation`.
+    tag: u64,
     generation: u64,
     meta: Meta,
     payload: Vec<u8>,
@@ -719,6 +727,9 @@ impl Inner {
             connection,
             publish,
             claim,
+            open_tags: Mutex::new(BTreeSet::new()),
+            claiming: tokio::sync::Mutex::new(()),
+            acking: tokio::sync::Mutex::new(()),
             admin: Mutex::new(admin),
             relay: tokio::sync::OnceCell::new(),
             waker: tokio::sync::OnceCell::new(),
@@ -1111,8 +1122,10 @@ impl Inner {
         };
         let remaining = msg.message_count;
         let d = msg.delivery;
+        let tag = d.delivery_tag;
+        lock(&conn.open_tags).insert(tag);
         let Some(mut meta) = Meta::from_delivery(&d.properties, queue, Some(name)) else {
-            requeue(&d.acker).await;
+            self.requeue_claimed(conn, &d.acker, tag).await;
             return Err(backend_err("basic.get", "unreadable message".into()));
         };
         if d.redelivered {
@@ -1137,13 +1150,15 @@ impl Inner {
             .await;
             if let Err(e) = moved {
                 // Not moved: hand it back (still redelivered), never drop the delivery.
-                requeue(&d.acker).await;
+                self.requeue_claimed(conn, &d.acker, tag).await;
                 return Err(e);
             }
-            d.acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(|e| conn_err("basic.ack", e))?;
+            if !self.ack_claimed(conn, &[tag]).await.contains(&tag) {
+                return Err(backend_err(
+                    "basic.ack",
+                    "the claim channel closed before the ack was sent".into(),
+                ));
+            }
             return Ok(GetResult::Moved(remaining));
         }
         // A header claiming every attempt spent (outside input: Backline never publishes one
@@ -1167,6 +1182,7 @@ impl Inner {
             token,
             Held {
                 acker: d.acker,
+                tag,
                 generation: conn.generation,
                 meta,
                 payload: d.data,
@@ -1179,7 +1195,10 @@ impl Inner {
         ))
     }
 
-    async fn finish_one(&self, conn: &Conn, f: &Finish) -> Result<bool> {
+    /// Applies one finish up to its ack: moves the job to its next home (confirmed) and
+    /// returns the delivery tag to ack; `None` if the lease was lost. A failed move hands the
+    /// delivery back (requeue) and is the error.
+    async fn finish_one(&self, conn: &Conn, f: &Finish) -> Result<Option<u64>> {
         let held = {
             let mut held = lock(&self.held);
             match held.get(&f.token) {
@@ -1187,9 +1206,9 @@ impl Inner {
                 _ => None,
             }
         };
-        let Some(h) = held else { return Ok(false) };
+        let Some(h) = held else { return Ok(None) };
         if h.generation != conn.generation || !h.acker.usable() {
-            return Ok(false);
+            return Ok(None);
         }
         let mut meta = h.meta.clone();
         let attempt = meta.attempt.saturating_add(1);
@@ -1229,17 +1248,67 @@ impl Inner {
         };
         if let Err(e) = moved {
             tracing::warn!(job = %f.id, error = %e, "moving a finished job failed; the broker redelivers it");
-            requeue(&h.acker).await;
+            self.requeue_claimed(conn, &h.acker, h.tag).await;
             return Err(e);
         }
         if matches!(f.outcome, Outcome::Release) {
             self.signal(&meta.queue).bump();
             self.wake_others(conn, &meta.queue).await;
         }
-        match h.acker.ack(BasicAckOptions::default()).await {
-            Ok(acked) => Ok(acked),
-            Err(_) => Ok(false),
+        Ok(Some(h.tag))
+    }
+
+    /// Acks claimed deliveries (`tags`, on `conn`'s claim channel, each in `open_tags`);
+    /// returns the tags whose ack was sent.
+    ///
+    /// Tags below every other open tag go out as one `basic.ack` with `multiple` (the broker
+    /// acks every outstanding delivery up to it: exactly these, since every other delivery up
+    /// to it was acked or handed back before); the rest one by one. In a drain the jobs of a
+    /// batch finish roughly in claim order, so most of a finish batch is one frame. Safe
+    /// because a tag leaves `open_tags` only under `acking`, with its frame sent before the
+    /// next plan, and a tag enters it before any later claim can start (`claiming`).
+    async fn ack_claimed(&self, conn: &Conn, tags: &[u64]) -> Vec<u64> {
+        let _order = conn.acking.lock().await;
+        let (below, above): (Vec<u64>, Vec<u64>) = {
+            let mut open = lock(&conn.open_tags);
+            for t in tags {
+                open.remove(t);
+            }
+            let lowest_open = open.first().copied().unwrap_or(u64::MAX);
+            tags.iter().partition(|t| **t < lowest_open)
+        };
+        let mut sent = Vec::with_capacity(tags.len());
+        if let Some(&last) = below.iter().max() {
+            let options = BasicAckOptions {
+                multiple: below.len() > 1,
+            };
+            match conn.claim.basic_ack(last, options).await {
+                Ok(()) => sent.extend_from_slice(&below),
+                Err(e) => {
+                    tracing::debug!(error = %e, "ack failed; the broker redelivers those jobs")
+                }
+            }
         }
+        let singles = above.iter().map(|&t| async move {
+            conn.claim
+                .basic_ack(t, BasicAckOptions::default())
+                .await
+                .map(|()| t)
+        });
+        for r in futures_util::future::join_all(singles).await {
+            match r {
+                Ok(t) => sent.push(t),
+                Err(e) => tracing::debug!(error = %e, "ack failed; the broker redelivers the job"),
+            }
+        }
+        sent
+    }
+
+    /// Hands a claimed delivery back (`nack` with requeue), then forgets its tag.
+    async fn requeue_claimed(&self, conn: &Conn, acker: &Acker, tag: u64) {
+        let _order = conn.acking.lock().await;
+        requeue(acker).await;
+        lock(&conn.open_tags).remove(&tag);
     }
 
     /// Browses up to `limit` dead letters of `queue` on a channel of its own (closed after, so
@@ -1426,6 +1495,9 @@ impl Backend for RabbitMqBackend {
         let mut out: Vec<ClaimedJob> = Vec::new();
         let mut failed: Option<Error> = None;
         let mut open: Vec<bool> = vec![true; works.len()];
+        // One claim at a time per connection: every tag a claim receives is in `open_tags`
+        // before the next claim's `basic.get`s go out (see `ack_claimed`).
+        let _claiming = conn.claiming.lock().await;
         while failed.is_none() && out.len() < req.limit && open.iter().any(|o| *o) {
             for (i, (name, work)) in works.iter().enumerate() {
                 if !open[i] || out.len() >= req.limit {
@@ -1483,7 +1555,15 @@ impl Backend for RabbitMqBackend {
         let results =
             futures_util::future::join_all(batch.iter().map(|f| self.inner.finish_one(&conn, f)))
                 .await;
-        Ok(results.into_iter().map(|r| r.unwrap_or(false)).collect())
+        let tags: Vec<u64> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied().flatten())
+            .collect();
+        let sent = self.inner.ack_claimed(&conn, &tags).await;
+        Ok(results
+            .into_iter()
+            .map(|r| matches!(r, Ok(Some(t)) if sent.contains(&t)))
+            .collect())
     }
 
     async fn heartbeat(
@@ -1538,40 +1618,57 @@ impl Backend for RabbitMqBackend {
                 let waiting = inner
                     .declare(&conn, &landing, FieldTable::default())
                     .await?;
-                for _ in 0..m.batch.min(usize::try_from(waiting).unwrap_or(usize::MAX)) {
-                    let Some(msg) = conn
-                        .claim
-                        .basic_get(landing.as_str().into(), BasicGetOptions { no_ack: false })
+                if waiting > 0 {
+                    // A channel of its own: the claim channel's tags are all claimed jobs (its
+                    // acks are planned as multiple acks, see `ack_claimed`).
+                    let channel = conn
+                        .connection
+                        .create_channel()
                         .await
-                        .map_err(|e| conn_err("basic.get", e))?
-                    else {
-                        break;
-                    };
-                    let d = msg.delivery;
-                    let moved = match Meta::from_delivery(&d.properties, queue, None) {
-                        Some(meta) => inner.relay(&conn, &meta, &d.data).await,
-                        None => inner
-                            .landing_foreign(&conn, queue, &d.properties, &d.data)
-                            .await
-                            .map(|()| false),
-                    };
-                    match moved {
-                        Ok(true) => {
-                            report.promoted += 1;
-                            inner.signal(queue).bump();
-                            inner.wake_others(&conn, queue).await;
+                        .map_err(|e| conn_err("channel.open", e))?;
+                    let relayed = async {
+                        for _ in 0..m.batch.min(usize::try_from(waiting).unwrap_or(usize::MAX)) {
+                            let Some(msg) = channel
+                                .basic_get(
+                                    landing.as_str().into(),
+                                    BasicGetOptions { no_ack: false },
+                                )
+                                .await
+                                .map_err(|e| conn_err("basic.get", e))?
+                            else {
+                                break;
+                            };
+                            let d = msg.delivery;
+                            let moved = match Meta::from_delivery(&d.properties, queue, None) {
+                                Some(meta) => inner.relay(&conn, &meta, &d.data).await,
+                                None => inner
+                                    .landing_foreign(&conn, queue, &d.properties, &d.data)
+                                    .await
+                                    .map(|()| false),
+                            };
+                            match moved {
+                                Ok(true) => {
+                                    report.promoted += 1;
+                                    inner.signal(queue).bump();
+                                    inner.wake_others(&conn, queue).await;
+                                }
+                                Ok(false) => {}
+                                Err(e) => {
+                                    // Not moved: back to the landing queue, for the next pass.
+                                    requeue(&d.acker).await;
+                                    return Err(e);
+                                }
+                            }
+                            d.acker
+                                .ack(BasicAckOptions::default())
+                                .await
+                                .map_err(|e| conn_err("basic.ack", e))?;
                         }
-                        Ok(false) => {}
-                        Err(e) => {
-                            // Not moved: back to the landing queue, for the next pass.
-                            requeue(&d.acker).await;
-                            return Err(e);
-                        }
+                        Ok::<(), Error>(())
                     }
-                    d.acker
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .map_err(|e| conn_err("basic.ack", e))?;
+                    .await;
+                    let _ = channel.close(200, "relay pass done".into()).await;
+                    relayed?;
                 }
             }
             // Retention of dead letters: the oldest are at the head of the queue.

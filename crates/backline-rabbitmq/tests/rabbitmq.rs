@@ -222,6 +222,64 @@ async fn claim_from(
     .expect("claim")
 }
 
+/// Finishes acknowledge with `multiple` where they can (tags below every other open delivery)
+/// and one by one elsewhere. Out of order, mixed with a retry and a job held open across
+/// batches, every finish applies, the claim channel stays usable (a wrong multiple ack would
+/// close it: "unknown delivery tag"), and no acked job comes back after the handle closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_finishes_ack_each_job_exactly_once() {
+    let Some((h, b)) = fresh().await else { return };
+    let manager = JobManager::new(Arc::new(b.clone()));
+    manager
+        .enqueue_batch((0..12).map(|i| Task::ok(format!("j{i}"))))
+        .await
+        .expect("enqueue");
+    let mut claimed = claim(&b, 12).await;
+    assert_eq!(claimed.len(), 12);
+    claimed.sort_by_key(|c| c.job.id);
+    let finish = |c: &ClaimedJob, outcome: Outcome| Finish {
+        id: c.job.id,
+        token: c.token,
+        outcome,
+    };
+    let ok = || Outcome::Succeeded { keep: false };
+    // Above an open delivery (j0..j3 run on): acked one by one.
+    let batch: Vec<Finish> = claimed[5..7].iter().map(|c| finish(c, ok())).collect();
+    assert_eq!(b.finish(&batch).await.expect("finish"), [true, true]);
+    // The lowest ones, with a retry among them: one multiple ack (j0..j4 minus nothing open).
+    let mut batch: Vec<Finish> = claimed[0..4].iter().map(|c| finish(c, ok())).collect();
+    batch.push(finish(
+        &claimed[4],
+        Outcome::Retry {
+            delay: Duration::from_secs(3600),
+            error: "later".into(),
+        },
+    ));
+    assert_eq!(b.finish(&batch).await.expect("finish"), [true; 5]);
+    // j7 stays open; j8..j11 are above it.
+    let batch: Vec<Finish> = claimed[8..12].iter().map(|c| finish(c, ok())).collect();
+    assert_eq!(b.finish(&batch).await.expect("finish"), [true; 4]);
+    // The channel still works: the held job's lease is alive, and it finishes last.
+    assert_eq!(
+        b.heartbeat(&[(claimed[7].job.id, claimed[7].token)], Duration::from_secs(30))
+            .await
+            .expect("heartbeat"),
+        [true]
+    );
+    assert_eq!(
+        b.finish(&[finish(&claimed[7], ok())])
+            .await
+            .expect("finish"),
+        [true]
+    );
+    // Nothing unacked: closing the handle returns nothing to the work queue.
+    b.close().await;
+    let other = h.make(&h.current()).await;
+    assert!(claim(&other, 12).await.is_empty(), "an acked job came back");
+    let counts = other.counts(Some("default")).await.expect("counts");
+    assert_eq!((counts.ready, counts.scheduled), (0, 1), "{counts:?}");
+}
+
 /// A job delayed by 2 s enqueued before one delayed by 200 ms: the short delay runs first
 /// (different delays sit in different wait queues, so the long one blocks nothing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
