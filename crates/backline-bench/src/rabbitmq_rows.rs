@@ -5,8 +5,13 @@
 //!   at a time (beside batch enqueue), once with a bare message and once with the properties a
 //!   fresh Backline job carries (priority, id, name, enqueue time; no headers): the gap between
 //!   the two is what the broker pays to store those bytes, not Backline's client;
-//! - **publish, then await its confirm**, from 32 tasks on one channel (beside enqueue one by one);
-//! - **consume with manual acks**, prefetch 100, one ack per message (beside the drain).
+//! - **publish, then await its confirm**, from 32 tasks on one channel (beside enqueue one by
+//!   one), bare and with a job's properties;
+//! - **consume with manual acks**, prefetch 100: one awaited ack per message, and one `multiple`
+//!   ack per 50 messages (the fastest a consumer can go; beside the drain).
+//!
+//! Each run measures the bare and the job-shaped publishes in alternating order, so that
+//! neither always meets the fresher queue.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -138,7 +143,13 @@ async fn publish(ch: &Channel, queue: &str, n: usize, window: usize, like: bool)
 }
 
 /// `n` publishes, each awaiting its confirm, from `tasks` tasks on one channel; msgs/s.
-async fn publish_one_by_one(ch: &Channel, queue: &str, n: usize, tasks: usize) -> Result<f64> {
+async fn publish_one_by_one(
+    ch: &Channel,
+    queue: &str,
+    n: usize,
+    tasks: usize,
+    like: bool,
+) -> Result<f64> {
     let start = Instant::now();
     let mut set = JoinSet::new();
     for t in 0..tasks {
@@ -146,7 +157,7 @@ async fn publish_one_by_one(ch: &Channel, queue: &str, n: usize, tasks: usize) -
         let queue = queue.to_owned();
         let share = n / tasks + usize::from(t < n % tasks);
         set.spawn(async move {
-            for _ in 0..share {
+            for i in 0..share {
                 ch.basic_publish(
                     "".into(),
                     queue.as_str().into(),
@@ -155,7 +166,7 @@ async fn publish_one_by_one(ch: &Channel, queue: &str, n: usize, tasks: usize) -
                         immediate: false,
                     },
                     b"null",
-                    properties(0, false),
+                    properties(t * n + i, like),
                 )
                 .await?
                 .await?;
@@ -169,8 +180,9 @@ async fn publish_one_by_one(ch: &Channel, queue: &str, n: usize, tasks: usize) -
     Ok(n as f64 / start.elapsed().as_secs_f64().max(1e-9))
 }
 
-/// Consumes `n` messages with one manual ack each, prefetch 100; msgs/s.
-async fn consume(conn: &Connection, queue: &str, n: usize) -> Result<f64> {
+/// Consumes `n` messages with manual acks, prefetch 100: one awaited ack per message
+/// (`ack_every` 1) or one `multiple` ack per `ack_every` messages; msgs/s.
+async fn consume(conn: &Connection, queue: &str, n: usize, ack_every: usize) -> Result<f64> {
     let ch = conn.create_channel().await?;
     ch.basic_qos(100, BasicQosOptions::default()).await?;
     let mut consumer = ch
@@ -188,8 +200,13 @@ async fn consume(conn: &Connection, queue: &str, n: usize) -> Result<f64> {
         let Ok(Some(d)) = next else {
             return Err(format!("raw consume got {got} of {n} messages").into());
         };
-        d?.acker.ack(BasicAckOptions::default()).await?;
+        let d = d?;
         got += 1;
+        if ack_every == 1 {
+            d.acker.ack(BasicAckOptions::default()).await?;
+        } else if got % ack_every == 0 || got == n {
+            d.acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
     }
     let rate = n as f64 / start.elapsed().as_secs_f64().max(1e-9);
     let _ = ch.close(200, "done".into()).await;
@@ -207,18 +224,28 @@ pub(crate) async fn raw_rows(plan: &Plan) -> Result<Vec<Row>> {
         .map_err(unreachable)?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let (mut bare, mut like, mut one, mut drain) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..plan.runs {
+    let (mut bare, mut like, mut one, mut one_like) = (vec![], vec![], vec![], vec![]);
+    let (mut drain, mut drain_multiple) = (vec![], vec![]);
+    for run in 0..plan.runs {
         let q = raw_queue(&ch).await?;
+        let purge = || ch.queue_purge(q.as_str().into(), Default::default());
         let result = async {
-            like.push(publish(&ch, &q, n, window, true).await?);
-            ch.queue_purge(q.as_str().into(), Default::default())
-                .await?;
-            one.push(publish_one_by_one(&ch, &q, single, tasks).await?);
-            ch.queue_purge(q.as_str().into(), Default::default())
-                .await?;
-            bare.push(publish(&ch, &q, n, window, false).await?);
-            drain.push(consume(&conn, &q, n).await?);
+            for like_first in [run % 2 == 0, run % 2 == 1] {
+                if like_first {
+                    like.push(publish(&ch, &q, n, window, true).await?);
+                    purge().await?;
+                    one_like.push(publish_one_by_one(&ch, &q, single, tasks, true).await?);
+                } else {
+                    bare.push(publish(&ch, &q, n, window, false).await?);
+                    purge().await?;
+                    one.push(publish_one_by_one(&ch, &q, single, tasks, false).await?);
+                }
+                purge().await?;
+            }
+            publish(&ch, &q, n, window, false).await?;
+            drain.push(consume(&conn, &q, n, 1).await?);
+            publish(&ch, &q, n, window, false).await?;
+            drain_multiple.push(consume(&conn, &q, n, 50).await?);
             Ok::<(), crate::Error>(())
         }
         .await;
@@ -238,7 +265,7 @@ pub(crate) async fn raw_rows(plan: &Plan) -> Result<Vec<Row>> {
             bare,
         ),
         Row::new(
-            format!("raw_publish_headers_{window}"),
+            format!("raw_publish_props_{window}"),
             "raw: same, with a job's properties".to_owned(),
             n,
             Unit::JobsPerSecond,
@@ -252,11 +279,25 @@ pub(crate) async fn raw_rows(plan: &Plan) -> Result<Vec<Row>> {
             one,
         ),
         Row::new(
+            format!("raw_publish_single_props_c{tasks}"),
+            "raw: same, with a job's properties".to_owned(),
+            single,
+            Unit::JobsPerSecond,
+            one_like,
+        ),
+        Row::new(
             "raw_consume_ack_p100".to_owned(),
             "raw: consume + ack each, prefetch 100".to_owned(),
             n,
             Unit::JobsPerSecond,
             drain,
+        ),
+        Row::new(
+            "raw_consume_multiack_p100".to_owned(),
+            "raw: consume, one multiple ack per 50".to_owned(),
+            n,
+            Unit::JobsPerSecond,
+            drain_multiple,
         ),
     ])
 }

@@ -206,9 +206,11 @@ impl Report {
             ("drain_c256", "raw_pop_delete_256"),
             // RabbitMQ.
             ("enqueue_batch_1000", "raw_publish_1000"),
-            ("enqueue_batch_1000", "raw_publish_headers_1000"),
+            ("enqueue_batch_1000", "raw_publish_props_1000"),
             ("enqueue_single_32_tasks", "raw_publish_single_c32"),
+            ("enqueue_single_32_tasks", "raw_publish_single_props_c32"),
             ("drain_c256", "raw_consume_ack_p100"),
+            ("drain_c256", "raw_consume_multiack_p100"),
             ("drain_c16", "raw_consume_ack_p100"),
         ] {
             if !shown.insert((server, raw)) {

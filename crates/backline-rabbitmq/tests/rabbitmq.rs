@@ -261,9 +261,12 @@ async fn out_of_order_finishes_ack_each_job_exactly_once() {
     assert_eq!(b.finish(&batch).await.expect("finish"), [true; 4]);
     // The channel still works: the held job's lease is alive, and it finishes last.
     assert_eq!(
-        b.heartbeat(&[(claimed[7].job.id, claimed[7].token)], Duration::from_secs(30))
-            .await
-            .expect("heartbeat"),
+        b.heartbeat(
+            &[(claimed[7].job.id, claimed[7].token)],
+            Duration::from_secs(30)
+        )
+        .await
+        .expect("heartbeat"),
         [true]
     );
     assert_eq!(
