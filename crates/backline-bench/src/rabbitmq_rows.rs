@@ -8,7 +8,10 @@
 //! - **publish, then await its confirm**, from 32 tasks on one channel (beside enqueue one by
 //!   one), bare and with a job's properties;
 //! - **consume with manual acks**, prefetch 100: one awaited ack per message, and one `multiple`
-//!   ack per 50 messages (the fastest a consumer can go; beside the drain).
+//!   ack per 50 messages (the fastest a consumer can go; beside the drain);
+//! - **pull with `basic.get`**, 256 at a time pipelined, one `multiple` ack per round: the limit
+//!   of the protocol Backline claims with (a pull never hands out a job nobody started, so a
+//!   crash never counts an attempt for it; a push consumer's prefetched messages would be).
 //!
 //! Each run measures the bare and the job-shaped publishes in alternating order, so that
 //! neither always meets the fresher queue.
@@ -17,7 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use backline_rabbitmq::lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use backline_rabbitmq::lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -213,6 +216,33 @@ async fn consume(conn: &Connection, queue: &str, n: usize, ack_every: usize) -> 
     Ok(rate)
 }
 
+/// Pulls `n` messages with `basic.get`, `k` pipelined at a time, one `multiple` ack per round;
+/// msgs/s.
+async fn pull(conn: &Connection, queue: &str, n: usize, k: usize) -> Result<f64> {
+    let ch = conn.create_channel().await?;
+    let start = Instant::now();
+    let mut got = 0;
+    while got < n {
+        let gets = (0..k.min(n - got))
+            .map(|_| ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }));
+        let mut last = None;
+        for r in futures_util::future::join_all(gets).await {
+            if let Some(m) = r? {
+                got += 1;
+                last = last.max(Some(m.delivery.delivery_tag));
+            }
+        }
+        let Some(last) = last else {
+            return Err(format!("raw pull got {got} of {n} messages").into());
+        };
+        ch.basic_ack(last, BasicAckOptions { multiple: true })
+            .await?;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    let _ = ch.close(200, "done".into()).await;
+    Ok(rate)
+}
+
 /// The raw rows; each run on queues of its own, deleted after it.
 pub(crate) async fn raw_rows(plan: &Plan) -> Result<Vec<Row>> {
     let n = plan.jobs;
@@ -225,7 +255,7 @@ pub(crate) async fn raw_rows(plan: &Plan) -> Result<Vec<Row>> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let (mut bare, mut like, mut one, mut one_like) = (vec![], vec![], vec![], vec![]);
-    let (mut drain, mut drain_multiple) = (vec![], vec![]);
+    let (mut drain, mut drain_multiple, mut drain_pull) = (vec![], vec![], vec![]);
     for run in 0..plan.runs {
         let q = raw_queue(&ch).await?;
         let purge = || ch.queue_purge(q.as_str().into(), Default::default());
@@ -246,6 +276,8 @@ pub(crate) async fn raw_rows(plan: &Plan) -> Result<Vec<Row>> {
             drain.push(consume(&conn, &q, n, 1).await?);
             publish(&ch, &q, n, window, false).await?;
             drain_multiple.push(consume(&conn, &q, n, 50).await?);
+            publish(&ch, &q, n, window, false).await?;
+            drain_pull.push(pull(&conn, &q, n, 256).await?);
             Ok::<(), crate::Error>(())
         }
         .await;
@@ -298,6 +330,13 @@ pub(crate) async fn raw_rows(plan: &Plan) -> Result<Vec<Row>> {
             n,
             Unit::JobsPerSecond,
             drain_multiple,
+        ),
+        Row::new(
+            "raw_get_multiack_256".to_owned(),
+            "raw: basic.get x256 pipelined, multiple ack".to_owned(),
+            n,
+            Unit::JobsPerSecond,
+            drain_pull,
         ),
     ])
 }

@@ -211,6 +211,7 @@ impl Report {
             ("enqueue_single_32_tasks", "raw_publish_single_props_c32"),
             ("drain_c256", "raw_consume_ack_p100"),
             ("drain_c256", "raw_consume_multiack_p100"),
+            ("drain_c256", "raw_get_multiack_256"),
             ("drain_c16", "raw_consume_ack_p100"),
         ] {
             if !shown.insert((server, raw)) {

@@ -1,17 +1,21 @@
 //! Disruptive RabbitMQ tests: they close their own connections from the broker's side
-//! (`rabbitmqctl close_connection`, found by the connection name each test sets), never anyone
-//! else's, and never restart the shared broker. Run with one test thread (`cargo xtask test`
-//! runs each test binary's tests; this file holds one test).
+//! (`rabbitmqctl close_connection`, found by the connection name each test sets), or cut the
+//! network between their own handle and the broker with a TCP relay of their own (the broker
+//! "down", or "stalled": no answer, as under a memory alarm). They never touch anyone else's
+//! connection and never restart or block the shared broker.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backline_core::{
-    BackgroundJob, EnqueueOptions, JobContext, JobError, JobId, JobManager, JobServer,
+    Backend, BackgroundJob, ClaimRequest, EnqueueOptions, Error, JobArgs, JobContext, JobError,
+    JobId, JobManager, JobServer,
 };
 use backline_rabbitmq::{RabbitMqBackend, RabbitMqConfig};
 use backline_testkit::{eventually, fast_config, Task, PATIENCE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 fn url() -> String {
@@ -238,4 +242,207 @@ async fn delete_queues(queues: BTreeSet<String>) {
         }
     }
     let _ = conn.close(200, "test clean-up".into()).await;
+}
+
+/// What the relay does with the broker's traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Both ways, as a plain connection.
+    Up,
+    /// Every connection through the relay is closed, and new ones are closed at once.
+    Down,
+    /// The broker's bytes are held back (not lost) until the link is up again.
+    Stalled,
+}
+
+/// A TCP relay between this test's handle and the broker, to take the broker away from this
+/// handle alone.
+struct Relay {
+    /// The broker URL with the relay's address in place of the broker's.
+    url: String,
+    link: watch::Sender<Link>,
+}
+
+/// `host:port` of an `amqp://user:pass@host:port/vhost` URL, and the URL with `hostport`.
+fn split_authority(url: &str) -> (String, Box<dyn Fn(&str) -> String>) {
+    let start = url
+        .find('@')
+        .map_or_else(|| url.find("//").map_or(0, |i| i + 2), |i| i + 1);
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let (head, tail) = (url[..start].to_owned(), url[end..].to_owned());
+    (
+        url[start..end].to_owned(),
+        Box::new(move |hostport: &str| format!("{head}{hostport}{tail}")),
+    )
+}
+
+impl Relay {
+    async fn start() -> Relay {
+        let (broker, rewrite) = split_authority(&url());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("relay address");
+        let (link, watching) = watch::channel(Link::Up);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if *watching.borrow() == Link::Down {
+                    continue; // dropped: closed at once
+                }
+                let Ok(upstream) = TcpStream::connect(&broker).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (ur, uw) = upstream.into_split();
+                tokio::spawn(pump(cr, uw, watching.clone(), false));
+                tokio::spawn(pump(ur, cw, watching.clone(), true));
+            }
+        });
+        Relay {
+            url: rewrite(&addr.to_string()),
+            link,
+        }
+    }
+
+    fn set(&self, link: Link) {
+        self.link.send_replace(link);
+    }
+}
+
+/// Copies `from` into `to` until either closes or the link goes down; the broker's side
+/// (`from_broker`) waits while the link is stalled.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut link: watch::Receiver<Link>,
+    from_broker: bool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = link.wait_for(|l| *l == Link::Down) => return,
+        };
+        if from_broker {
+            match link.wait_for(|l| *l != Link::Stalled).await {
+                Ok(l) if *l == Link::Up => {}
+                _ => return,
+            }
+        }
+        if *link.borrow() == Link::Down || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Every ready job of `Task` in the prefix's `default` queue, claimed (and held) by `b`.
+async fn claim_all(b: &RabbitMqBackend) -> BTreeSet<JobId> {
+    let names = vec![Task::NAME.to_owned()];
+    let claimed = b
+        .claim(ClaimRequest {
+            queue: "default",
+            names: &names,
+            limit: 1000,
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .expect("claim");
+    claimed.into_iter().map(|c| c.job.id).collect()
+}
+
+/// While the broker is unreachable, `enqueue` fails with a connection error (after its
+/// reconnect attempts) instead of hanging or pretending; every job it confirmed before is
+/// still there, and enqueueing works again once the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_fails_clearly_while_the_broker_is_down_and_loses_nothing_it_confirmed() {
+    let prefix = format!("backline-test-{:016x}", fastrand::u64(..));
+    let Some(direct) = connect(&prefix, &format!("{prefix}-direct")).await else {
+        return;
+    };
+    let relay = Relay::start().await;
+    let through = RabbitMqBackend::connect(
+        RabbitMqConfig::new(&relay.url)
+            .with_prefix(&prefix)
+            .with_reconnect_attempts(2)
+            .with_connect_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .expect("connect through the relay");
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+        backends: vec![direct.clone(), through.clone()],
+    };
+    let manager = JobManager::new(Arc::new(through.clone()));
+    let mut confirmed: BTreeSet<JobId> = manager
+        .enqueue_batch((0..20).map(|i| Task::ok(format!("before{i}"))))
+        .await
+        .expect("enqueue")
+        .into_iter()
+        .collect();
+    relay.set(Link::Down);
+    let down = tokio::time::timeout(PATIENCE, manager.enqueue(Task::ok("while down"))).await;
+    match down.expect("enqueue hung while the broker was down") {
+        Err(e @ Error::Connection { .. }) => {
+            assert!(!e.to_string().contains("guest:guest"), "password in {e}");
+        }
+        other => panic!("expected a connection error, got {other:?}"),
+    }
+    relay.set(Link::Up);
+    confirmed.insert(
+        manager
+            .enqueue(Task::ok("after"))
+            .await
+            .expect("enqueue after the broker came back"),
+    );
+    // Read through the other (direct) handle: exactly the confirmed jobs are there.
+    let found = claim_all(&direct).await;
+    assert_eq!(found, confirmed);
+    through.close().await;
+    direct.close().await;
+}
+
+/// A broker that stops answering (no confirm arrives, as under a memory alarm that blocks
+/// publishers) fails `enqueue` with a time-out after `with_confirm_timeout`, not a hang; once
+/// it answers again, the handle works on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_publish_times_out_and_the_handle_recovers() {
+    let prefix = format!("backline-test-{:016x}", fastrand::u64(..));
+    let Some(direct) = connect(&prefix, &format!("{prefix}-direct")).await else {
+        return;
+    };
+    let relay = Relay::start().await;
+    let through = RabbitMqBackend::connect(
+        RabbitMqConfig::new(&relay.url)
+            .with_prefix(&prefix)
+            .with_confirm_timeout(Duration::from_millis(300)),
+    )
+    .await
+    .expect("connect through the relay");
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+        backends: vec![direct.clone(), through.clone()],
+    };
+    let manager = JobManager::new(Arc::new(through.clone()));
+    // Declares the work queue while the broker answers.
+    let first = manager.enqueue(Task::ok("first")).await.expect("enqueue");
+    relay.set(Link::Stalled);
+    // A hang fails the test (after PATIENCE) instead of blocking it.
+    let stalled = tokio::time::timeout(PATIENCE, manager.enqueue(Task::ok("unconfirmed"))).await;
+    match stalled.expect("enqueue hung although the confirm time-out passed") {
+        Err(Error::Timeout { after, .. }) => assert_eq!(after, Duration::from_millis(300)),
+        other => panic!("expected a time-out, got {other:?}"),
+    }
+    relay.set(Link::Up);
+    let last = manager
+        .enqueue(Task::ok("last"))
+        .await
+        .expect("enqueue after the broker answers again");
+    // The timed-out message reached the broker (only its confirm was held back): a time-out
+    // means "unknown", so it may be stored; the confirmed ones certainly are.
+    let found = claim_all(&direct).await;
+    assert!(found.contains(&first) && found.contains(&last), "{found:?}");
+    assert!(found.len() <= 3, "{found:?}");
+    through.close().await;
+    direct.close().await;
 }
