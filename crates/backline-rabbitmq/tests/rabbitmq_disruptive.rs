@@ -263,22 +263,22 @@ struct Relay {
     link: watch::Sender<Link>,
 }
 
-/// `host:port` of an `amqp://user:pass@host:port/vhost` URL, and the URL with `hostport`.
-fn split_authority(url: &str) -> (String, Box<dyn Fn(&str) -> String>) {
+/// An `amqp://user:pass@host:port/vhost` URL split around its `host:port`.
+fn split_authority(url: &str) -> (String, String, String) {
     let start = url
         .find('@')
         .map_or_else(|| url.find("//").map_or(0, |i| i + 2), |i| i + 1);
     let end = url[start..].find('/').map_or(url.len(), |i| start + i);
-    let (head, tail) = (url[..start].to_owned(), url[end..].to_owned());
     (
+        url[..start].to_owned(),
         url[start..end].to_owned(),
-        Box::new(move |hostport: &str| format!("{head}{hostport}{tail}")),
+        url[end..].to_owned(),
     )
 }
 
 impl Relay {
     async fn start() -> Relay {
-        let (broker, rewrite) = split_authority(&url());
+        let (head, broker, tail) = split_authority(&url());
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("relay address");
         let (link, watching) = watch::channel(Link::Up);
@@ -297,7 +297,7 @@ impl Relay {
             }
         });
         Relay {
-            url: rewrite(&addr.to_string()),
+            url: format!("{head}{addr}{tail}"),
             link,
         }
     }
