@@ -62,6 +62,8 @@ impl std::fmt::Debug for RabbitMqBackend {
 }
 
 struct Inner {
+    /// This handle itself, for tasks that must not keep it alive (the wake-up sender).
+    me: Weak<Inner>,
     config: RabbitMqConfig,
     /// The current connection (read on every call).
     conn: std::sync::RwLock<Option<Arc<Conn>>>,
@@ -97,10 +99,8 @@ struct Conn {
     publish: Channel,
     /// Claims (`basic.get`) and their acks.
     claim: Channel,
-    /// The delivery tags of `claim` neither acked nor handed back yet (see [`Inner::ack_claimed`]).
-    open_tags: Mutex<BTreeSet<u64>>,
-    /// Held while claims' `basic.get`s are under way, until their tags are in `open_tags`.
-    claiming: tokio::sync::Mutex<()>,
+    /// The claim channel's delivery tags, for multiple acks (see [`Inner::ack_claimed`]).
+    tags: Mutex<Tags>,
     /// Held while an ack or nack on `claim` is planned and sent: frames go out in plan order.
     acking: tokio::sync::Mutex<()>,
     /// Declarations, purges and wake-ups. A refused declaration (other arguments) closes only
@@ -212,6 +212,42 @@ impl Drop for Probe<'_> {
     }
 }
 
+/// What this handle knows of its claim channel's delivery tags. A channel numbers its
+/// deliveries 1, 2, 3, …, and only claims' `basic.get`s receive deliveries on it.
+#[derive(Debug, Default)]
+struct Tags {
+    /// Every tag below this one has been received (registered).
+    received_below: u64,
+    /// Tags received above a gap: a delivery still on its way to its `basic.get`, or one whose
+    /// claim was dropped (cancelled) in flight, which this handle never sees.
+    received_ahead: BTreeSet<u64>,
+    /// Received tags neither acked nor handed back yet.
+    open: BTreeSet<u64>,
+}
+
+impl Tags {
+    fn received(&mut self, tag: u64) {
+        self.open.insert(tag);
+        if self.received_below == 0 {
+            self.received_below = 1;
+        }
+        if tag == self.received_below {
+            self.received_below += 1;
+            while self.received_ahead.remove(&self.received_below) {
+                self.received_below += 1;
+            }
+        } else if tag > self.received_below {
+            self.received_ahead.insert(tag);
+        }
+    }
+
+    /// The tags a multiple ack may cover: below every open tag and every tag not received.
+    fn multiple_below(&self) -> u64 {
+        let open = self.open.first().copied().unwrap_or(u64::MAX);
+        open.min(self.received_below.max(1))
+    }
+}
+
 struct Held {
     acker: Acker,
     /// The delivery tag on the claim channel of connection `generation`.
@@ -235,6 +271,56 @@ impl Signal {
     fn bump(&self) {
         self.seq.fetch_add(1, Ordering::SeqCst);
         self.notify.notify_waiters();
+    }
+}
+
+/// Whether a queue's wake-up sender is active; dropping it (the sender stopped, or its task
+/// was dropped with its runtime) lets the next caller start a new one.
+struct Waking {
+    signal: Arc<Signal>,
+    /// Whether dropping this resets `waking` (not when another sender has taken over).
+    armed: bool,
+}
+
+impl Waking {
+    /// Ends this sender without resetting `waking`: another sender has taken over.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Waking {
+    fn drop(&mut self) {
+        if self.armed {
+            self.signal.waking.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Publishes one wake-up for `queue` on `conn`'s admin channel; `false` if it could not.
+async fn send_wake(conn: &Conn, key: &str, queue: &str) -> bool {
+    let admin = match conn.admin().await {
+        Ok(admin) => admin,
+        Err(e) => {
+            tracing::debug!(queue = %queue, error = %e, "no channel for a wake-up");
+            return false;
+        }
+    };
+    let sent = admin
+        .basic_publish(
+            WAKE_EXCHANGE.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            b"",
+            BasicProperties::default(),
+        )
+        .await;
+    match sent {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(queue = %queue, error = %e, "wake-up publish failed");
+            false
+        }
     }
 }
 
@@ -325,7 +411,8 @@ impl RabbitMqBackend {
     pub async fn connect(config: RabbitMqConfig) -> Result<Self> {
         config.validate()?;
         let backend = RabbitMqBackend {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
+                me: me.clone(),
                 config,
                 conn: std::sync::RwLock::new(None),
                 reconnecting: tokio::sync::Mutex::new(()),
@@ -458,12 +545,14 @@ impl Inner {
     /// transient message on `amq.direct`, unconfirmed (a lost one costs a poll interval).
     ///
     /// Wake-ups are coalesced, at most one per queue per `wake_linger` (default 1 ms,
-    /// [`RabbitMqConfig::with_wake_linger`]) from a handle: every
-    /// publish is a message the broker routes, and one per enqueued job halved the rate of
-    /// enqueues one by one. The first wake-up after a quiet spell goes out at once, from a task
-    /// of its own (the caller does not wait for it); jobs that come due while it lingers are
-    /// announced by one more wake-up when the linger ends. No job is left unannounced: a caller
-    /// either starts the sender or marks `wake_again` before the sender's last check.
+    /// [`RabbitMqConfig::with_wake_linger`]) from a handle: every publish is a message the
+    /// broker routes, and one per enqueued job halved the rate of enqueues one by one. The
+    /// first wake-up after a quiet spell is sent by its caller before it returns (a producer
+    /// that exits right after `enqueue` has sent it); a task then lingers, and the jobs that
+    /// came due meanwhile share one more wake-up when the linger ends, and so on until a linger
+    /// passes without any. A caller either sends (and starts the task) or marks `wake_again`
+    /// while a sender is active, which sends after the mark. Only a lost connection or channel
+    /// drops a wake-up (the sender stops; the next caller starts afresh).
     async fn wake_others(&self, conn: &Conn, queue: &str) {
         let key = self.wake_key(queue);
         if key.len() > MAX_QUEUE_NAME {
@@ -474,41 +563,45 @@ impl Inner {
         if signal.waking.swap(true, Ordering::SeqCst) {
             return;
         }
-        let Ok(admin) = conn.admin().await else {
-            signal.waking.store(false, Ordering::SeqCst);
-            return;
+        let waking = Waking {
+            signal,
+            armed: true,
         };
-        let queue = queue.to_owned();
+        waking.signal.wake_again.store(false, Ordering::SeqCst);
+        if !send_wake(conn, &key, queue).await {
+            return;
+        }
         let linger = self.config.wake_linger;
+        let me = self.me.clone();
+        let queue = queue.to_owned();
         tokio::spawn(async move {
             loop {
-                signal.wake_again.store(false, Ordering::SeqCst);
-                let sent = admin
-                    .basic_publish(
-                        WAKE_EXCHANGE.into(),
-                        key.as_str().into(),
-                        BasicPublishOptions::default(),
-                        b"",
-                        BasicProperties::default(),
-                    )
-                    .await;
-                if let Err(e) = sent {
-                    tracing::debug!(queue = %queue, error = %e, "wake-up publish failed");
-                }
-                if !linger.is_zero() {
+                if linger.is_zero() {
+                    tokio::task::yield_now().await;
+                } else {
                     tokio::time::sleep(linger).await;
                 }
-                if signal.wake_again.load(Ordering::SeqCst) {
-                    continue;
+                let signal = &waking.signal;
+                if !signal.wake_again.load(Ordering::SeqCst) {
+                    signal.waking.store(false, Ordering::SeqCst);
+                    // A caller that marked `wake_again` after the check above but saw
+                    // `waking` still set has left its wake-up to this task: send it, unless
+                    // another caller has started a new sender in the meantime.
+                    if !signal.wake_again.load(Ordering::SeqCst)
+                        || signal.waking.swap(true, Ordering::SeqCst)
+                    {
+                        waking.disarm();
+                        return;
+                    }
                 }
-                signal.waking.store(false, Ordering::SeqCst);
-                // A caller that marked `wake_again` after the check above but saw `waking`
-                // still set has left the wake-up to this task: send it, unless another caller
-                // has started a new sender in the meantime.
-                if !signal.wake_again.load(Ordering::SeqCst)
-                    || signal.waking.swap(true, Ordering::SeqCst)
-                {
-                    break;
+                signal.wake_again.store(false, Ordering::SeqCst);
+                // The current connection each time: the one the first wake-up went out on
+                // may have been replaced.
+                let Some(conn) = me.upgrade().and_then(|inner| inner.current()) else {
+                    return;
+                };
+                if !send_wake(&conn, &key, &queue).await {
+                    return;
                 }
             }
         });
@@ -727,8 +820,7 @@ impl Inner {
             connection,
             publish,
             claim,
-            open_tags: Mutex::new(BTreeSet::new()),
-            claiming: tokio::sync::Mutex::new(()),
+            tags: Mutex::new(Tags::default()),
             acking: tokio::sync::Mutex::new(()),
             admin: Mutex::new(admin),
             relay: tokio::sync::OnceCell::new(),
@@ -955,7 +1047,7 @@ impl Inner {
         self.confirmed(c, routing_key, deadline).await
     }
 
-    /// Moves a message without Backline headers out of a wait or landing queue (where its job
+    /// Moves another publisher's message (no job name) out of a wait or landing queue (where its job
     /// name is unknown) into `queue`'s dead letters, confirmed, with the reason in its headers.
     async fn dead_letter_foreign(
         &self,
@@ -994,7 +1086,7 @@ impl Inner {
         Ok(due)
     }
 
-    /// A message without Backline headers in `queue`'s landing queue (published there by
+    /// Another publisher's message (no job name) in `queue`'s landing queue (published there by
     /// hand, or dead-lettered from a wait step): its job is unknown, so it goes to the dead
     /// letters with the reason, confirmed, before the caller acks it.
     async fn landing_foreign(
@@ -1004,13 +1096,13 @@ impl Inner {
         properties: &BasicProperties,
         payload: &[u8],
     ) -> Result<()> {
-        tracing::error!(queue = %queue, "a message without Backline headers in the landing queue; moved to the dead letters");
+        tracing::error!(queue = %queue, "a message without a job name in the landing queue; moved to the dead letters");
         self.dead_letter_foreign(
             conn,
             queue,
             properties,
             payload,
-            "a message without Backline headers (no job name) in a wait or landing queue",
+            "a message without a job name (no `type`, no Backline header) in a wait or landing queue",
         )
         .await
     }
@@ -1123,7 +1215,7 @@ impl Inner {
         let remaining = msg.message_count;
         let d = msg.delivery;
         let tag = d.delivery_tag;
-        lock(&conn.open_tags).insert(tag);
+        lock(&conn.tags).received(tag);
         let Some(mut meta) = Meta::from_delivery(&d.properties, queue, Some(name)) else {
             self.requeue_claimed(conn, &d.acker, tag).await;
             return Err(backend_err("basic.get", "unreadable message".into()));
@@ -1258,24 +1350,26 @@ impl Inner {
         Ok(Some(h.tag))
     }
 
-    /// Acks claimed deliveries (`tags`, on `conn`'s claim channel, each in `open_tags`);
-    /// returns the tags whose ack was sent.
+    /// Acks claimed deliveries (`tags`, on `conn`'s claim channel, each open); returns the
+    /// tags whose ack was sent.
     ///
-    /// Tags below every other open tag go out as one `basic.ack` with `multiple` (the broker
-    /// acks every outstanding delivery up to it: exactly these, since every other delivery up
-    /// to it was acked or handed back before); the rest one by one. In a drain the jobs of a
-    /// batch finish roughly in claim order, so most of a finish batch is one frame. Safe
-    /// because a tag leaves `open_tags` only under `acking`, with its frame sent before the
-    /// next plan, and a tag enters it before any later claim can start (`claiming`).
+    /// The tags below every other open tag and below every tag not received yet go out as one
+    /// `basic.ack` with `multiple`: the broker acks every outstanding delivery up to it, which
+    /// are exactly these (every other delivery up to it was received, and acked or handed back
+    /// before). The rest go one by one. In a drain the jobs of a batch finish roughly in claim
+    /// order, so most of a finish batch is one frame. A tag leaves the open set only under
+    /// `acking`, with its frame sent before the next plan. A delivery whose claim was dropped
+    /// in flight is never received: it stays a gap, no multiple ack reaches past it, and the
+    /// broker redelivers it when the connection closes.
     async fn ack_claimed(&self, conn: &Conn, tags: &[u64]) -> Vec<u64> {
         let _order = conn.acking.lock().await;
         let (below, above): (Vec<u64>, Vec<u64>) = {
-            let mut open = lock(&conn.open_tags);
+            let mut book = lock(&conn.tags);
             for t in tags {
-                open.remove(t);
+                book.open.remove(t);
             }
-            let lowest_open = open.first().copied().unwrap_or(u64::MAX);
-            tags.iter().partition(|t| **t < lowest_open)
+            let limit = book.multiple_below();
+            tags.iter().partition(|t| **t < limit)
         };
         let mut sent = Vec::with_capacity(tags.len());
         if let Some(&last) = below.iter().max() {
@@ -1308,7 +1402,7 @@ impl Inner {
     async fn requeue_claimed(&self, conn: &Conn, acker: &Acker, tag: u64) {
         let _order = conn.acking.lock().await;
         requeue(acker).await;
-        lock(&conn.open_tags).remove(&tag);
+        lock(&conn.tags).open.remove(&tag);
     }
 
     /// Browses up to `limit` dead letters of `queue` on a channel of its own (closed after, so
@@ -1495,9 +1589,6 @@ impl Backend for RabbitMqBackend {
         let mut out: Vec<ClaimedJob> = Vec::new();
         let mut failed: Option<Error> = None;
         let mut open: Vec<bool> = vec![true; works.len()];
-        // One claim at a time per connection: every tag a claim receives is in `open_tags`
-        // before the next claim's `basic.get`s go out (see `ack_claimed`).
-        let _claiming = conn.claiming.lock().await;
         while failed.is_none() && out.len() < req.limit && open.iter().any(|o| *o) {
             for (i, (name, work)) in works.iter().enumerate() {
                 if !open[i] || out.len() >= req.limit {
@@ -1858,6 +1949,28 @@ mod tests {
             later(now, Duration::from_secs(1)),
             now + chrono::Duration::seconds(1)
         );
+    }
+
+    #[test]
+    fn a_multiple_ack_never_reaches_past_an_open_or_unseen_tag() {
+        let mut tags = Tags::default();
+        assert_eq!(
+            tags.multiple_below(),
+            1,
+            "nothing received: nothing to cover"
+        );
+        for t in [1, 2, 4, 5] {
+            tags.received(t);
+        }
+        // Tag 3 is still on its way (or its claim was dropped): a gap.
+        tags.open.retain(|t| *t != 1 && *t != 2 && *t != 4);
+        assert_eq!(tags.multiple_below(), 3);
+        tags.received(3);
+        tags.open.remove(&3);
+        // 1..=4 received and acked; 5 open.
+        assert_eq!(tags.multiple_below(), 5);
+        tags.open.remove(&5);
+        assert_eq!(tags.multiple_below(), 6);
     }
 
     #[test]

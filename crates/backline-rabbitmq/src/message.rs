@@ -4,9 +4,10 @@
 //! # Why so few headers
 //!
 //! The broker stores every byte of a persistent message's properties, and on this kind of
-//! machine that is what a confirmed publish costs: in the bench, a `null` body with seven
-//! `x-backline-*` headers (about 250 bytes) published at 55–65 % of the bare message's rate,
-//! one long-string header alone cost as much, and a 100-byte body cost 20 %. So a fresh job
+//! machine that is what a confirmed publish costs: in the bench, a `null` body with the ten
+//! fields in properties and seven `x-backline-*` headers (about 250 bytes) published at
+//! 55–65 % of the bare message's rate, one long-string header alone cost as much, and a
+//! 100-byte body cost 20 %. So a fresh job
 //! travels in the standard properties, which any AMQP tool shows:
 //!
 //! | field | where |
@@ -19,13 +20,20 @@
 //! | run at | the enqueue time |
 //!
 //! A header is added only where the reader's default would be wrong: an attempt count above
-//! zero, a max attempts other than [`RetryPolicy`]'s default, a time limit, a run time other
-//! than the enqueue time (a delay or a retry), an enqueue time the id cannot refine, the last
-//! error and the time of death. Retries and dead letters are the rare case; they pay for it.
+//! zero, a max attempts other than [`DEFAULT_MAX_ATTEMPTS`] (25, [`RetryPolicy`]'s default), a
+//! time limit, a run time other than the enqueue time (a delay or a retry), an enqueue time the
+//! id cannot refine, the last error and the time of death. Retries and dead letters are the
+//! rare case; they pay for it.
+//!
+//! Messages of the earlier format (every field in headers) are read as before; a process of
+//! that earlier version, though, reads a delayed job of this format as foreign: upgrade every
+//! process of a deployment together.
 
 use std::time::Duration;
 
-use backline_core::{Job, JobId, JobState, NewJob, Priority, RetryPolicy};
+#[cfg(doc)]
+use backline_core::RetryPolicy;
+use backline_core::{Job, JobId, JobState, NewJob, Priority};
 use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
@@ -65,9 +73,13 @@ pub(crate) fn truncate_error(error: &str) -> String {
 /// default policy gives 12.
 pub(crate) const FOREIGN_MAX_ATTEMPTS: u32 = 12;
 
-/// The attempts a Backline message without [`H_MAX_ATTEMPTS`] has: [`RetryPolicy`]'s default.
+/// The attempts a Backline message without [`H_MAX_ATTEMPTS`] has. Part of the message
+/// format (queued messages keep their meaning whatever a later version's default): it is
+/// [`RetryPolicy`]'s default today, so most jobs need no header for it.
+pub(crate) const DEFAULT_MAX_ATTEMPTS: u32 = 25;
+
 fn default_max_attempts() -> u32 {
-    RetryPolicy::default().max_attempts
+    DEFAULT_MAX_ATTEMPTS
 }
 
 /// The time in a UUIDv7 id, to the millisecond.
@@ -282,7 +294,13 @@ impl Meta {
         let get_int = |k: &str| h.get(k).and_then(int);
         let get_text = |k: &str| h.get(k).and_then(text);
         let now = Utc::now();
-        let kind = props.kind().as_ref().map(|k| k.as_str().to_owned());
+        // Another publisher's `type` (MassTransit and others set one) that is no job name
+        // Backline could have written marks a foreign message.
+        let kind = props
+            .kind()
+            .as_ref()
+            .map(|k| k.as_str().to_owned())
+            .filter(|k| crate::config::check_job_name(k).is_ok());
         let ours = kind.is_some() || h.contains_key(H_NAME);
         let parsed_id = get_text(H_ID)
             .or_else(|| props.message_id().as_ref().map(|m| m.as_str().to_owned()))
@@ -397,10 +415,21 @@ mod tests {
         }
     }
 
+    /// A UUIDv7 id minted at `t`.
+    fn v7_at(t: DateTime<Utc>) -> JobId {
+        let ts = uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            u64::try_from(t.timestamp()).expect("after 1970"),
+            t.timestamp_subsec_nanos(),
+        );
+        JobId::from_uuid(uuid::Uuid::new_v7(ts))
+    }
+
     #[test]
     fn a_fresh_job_travels_without_headers() {
-        let job = fresh(JobId::new(), default_max_attempts());
-        let m = Meta::new(&job, Utc::now(), None);
+        let now = Utc::now();
+        let job = fresh(v7_at(now - chrono::Duration::milliseconds(3)), 25);
+        let m = Meta::new(&job, now, None);
         let props = m.properties();
         assert_eq!(props.headers(), &None);
         assert_eq!(props.kind().as_ref().map(|k| k.as_str()), Some("email"));
@@ -408,9 +437,12 @@ mod tests {
         assert_eq!((back.id, back.name.as_str()), (job.id, "email"));
         assert_eq!((back.attempt, back.max_attempts), (0, 25));
         assert_eq!(back.timeout, None);
-        // The enqueue time comes back to the millisecond (the id's), and the job is due then.
+        // The enqueue time is the id's, to the millisecond, and the job is due then.
         assert_eq!(back.enqueued_at, m.enqueued_at);
-        assert_eq!(back.enqueued_at.timestamp_subsec_micros() % 1000, 0);
+        assert_eq!(
+            back.enqueued_at.timestamp_millis(),
+            (now - chrono::Duration::milliseconds(3)).timestamp_millis()
+        );
         assert_eq!(back.run_at, back.enqueued_at);
         // Read again after a retry: still the same job, now with headers for what changed.
         let mut retried = back.clone();
@@ -423,7 +455,7 @@ mod tests {
 
     #[test]
     fn an_id_that_is_not_uuidv7_keeps_its_exact_enqueue_time() {
-        // A v4 id carries no time: the enqueue time travels in a header, to the microsecond.
+        // A v4-like id carries no time: the enqueue time travels in a header, to the µs.
         let job = fresh(JobId::from_uuid(uuid::Uuid::from_u128(0x1234_5678)), 3);
         let now = Utc::now();
         let m = Meta::new(&job, now, None);
@@ -437,16 +469,75 @@ mod tests {
 
     #[test]
     fn an_id_minted_in_the_future_does_not_delay_its_job() {
-        let later = Utc::now() + chrono::Duration::milliseconds(500);
-        let ts = uuid::Timestamp::from_unix(
-            uuid::NoContext,
-            u64::try_from(later.timestamp()).expect("after 1970"),
-            later.timestamp_subsec_nanos(),
-        );
-        let job = fresh(JobId::from_uuid(uuid::Uuid::new_v7(ts)), 25);
         let now = Utc::now();
+        let job = fresh(v7_at(now + chrono::Duration::milliseconds(500)), 25);
         let m = Meta::new(&job, now, None);
         assert_eq!((m.enqueued_at, m.run_at), (now, now));
+        let back = Meta::from_delivery(&m.properties(), "mail", None).expect("meta");
+        assert_eq!(back.run_at.timestamp_micros(), now.timestamp_micros());
+        assert_eq!(back.enqueued_at, back.run_at);
+    }
+
+    #[test]
+    fn the_earlier_all_headers_format_is_still_read() {
+        let id = JobId::new();
+        let text = |s: &str| AMQPValue::LongString(s.to_owned().into());
+        let mut h = FieldTable::default();
+        h.insert(H_ID.into(), text(&id.to_string()));
+        h.insert(H_NAME.into(), text("email"));
+        h.insert(H_QUEUE.into(), text("mail"));
+        h.insert(H_ATTEMPT.into(), AMQPValue::LongLongInt(2));
+        h.insert(H_MAX_ATTEMPTS.into(), AMQPValue::LongLongInt(25));
+        h.insert(
+            H_ENQUEUED_AT.into(),
+            AMQPValue::LongLongInt(1_795_600_000_123_456),
+        );
+        h.insert(
+            H_RUN_AT.into(),
+            AMQPValue::LongLongInt(1_795_600_005_000_000),
+        );
+        h.insert(H_ERROR.into(), text("boom"));
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_priority(5)
+            .with_content_type("application/json".into())
+            .with_message_id(ShortString::from(id.to_string()))
+            .with_timestamp(1_795_600_000)
+            .with_headers(h);
+        // In a wait queue: the name comes from the header.
+        let m = Meta::from_delivery(&props, "mail", None).expect("meta");
+        assert_eq!(
+            (m.id, m.name.as_str(), m.queue.as_str()),
+            (id, "email", "mail")
+        );
+        assert_eq!((m.attempt, m.max_attempts), (2, 25));
+        assert_eq!(m.priority, Priority::High);
+        assert_eq!(m.enqueued_at.timestamp_micros(), 1_795_600_000_123_456);
+        assert_eq!(m.run_at.timestamp_micros(), 1_795_600_005_000_000);
+        assert_eq!(m.last_error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn another_publishers_type_is_no_job_name() {
+        // A `type` Backline could not have written: foreign, so unknown in a wait queue.
+        let props = BasicProperties::default().with_type("Some.Namespace:Message Type".into());
+        assert!(Meta::from_delivery(&props, "default", None).is_none());
+        let m = Meta::from_delivery(&props, "default", Some("email")).expect("meta");
+        assert_eq!(
+            (m.name.as_str(), m.max_attempts),
+            ("email", FOREIGN_MAX_ATTEMPTS)
+        );
+    }
+
+    #[test]
+    fn a_name_too_long_for_type_travels_in_a_header() {
+        let mut job = fresh(JobId::new(), 25);
+        job.name = "n".repeat(300);
+        let m = Meta::new(&job, Utc::now(), None);
+        let props = m.properties();
+        assert_eq!(props.kind(), &None);
+        let back = Meta::from_delivery(&props, "mail", None).expect("meta");
+        assert_eq!(back.name, job.name);
     }
 
     #[test]

@@ -224,29 +224,31 @@ async fn claim_from(
 
 /// Finishes acknowledge with `multiple` where they can (tags below every other open delivery)
 /// and one by one elsewhere. Out of order, mixed with a retry and a job held open across
-/// batches, every finish applies, the claim channel stays usable (a wrong multiple ack would
-/// close it: "unknown delivery tag"), and no acked job comes back after the handle closes.
+/// batches, every finish applies and the claim channel stays open: a wrong multiple ack makes
+/// the broker close it ("unknown delivery tag"), which the claim round trip and the canary's
+/// heartbeat at the end would see. No acked job comes back after the handle closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_finishes_ack_each_job_exactly_once() {
     let Some((h, b)) = fresh().await else { return };
     let manager = JobManager::new(Arc::new(b.clone()));
     manager
-        .enqueue_batch((0..12).map(|i| Task::ok(format!("j{i}"))))
+        .enqueue_batch((0..13).map(|i| Task::ok(format!("j{i}"))))
         .await
         .expect("enqueue");
-    let mut claimed = claim(&b, 12).await;
-    assert_eq!(claimed.len(), 12);
+    let mut claimed = claim(&b, 13).await;
+    assert_eq!(claimed.len(), 13);
     claimed.sort_by_key(|c| c.job.id);
+    let canary = claimed.pop().expect("13 claimed");
     let finish = |c: &ClaimedJob, outcome: Outcome| Finish {
         id: c.job.id,
         token: c.token,
         outcome,
     };
     let ok = || Outcome::Succeeded { keep: false };
-    // Above an open delivery (j0..j3 run on): acked one by one.
+    // Above open deliveries (j0..j4 run on): acked one by one.
     let batch: Vec<Finish> = claimed[5..7].iter().map(|c| finish(c, ok())).collect();
     assert_eq!(b.finish(&batch).await.expect("finish"), [true, true]);
-    // The lowest ones, with a retry among them: one multiple ack (j0..j4 minus nothing open).
+    // The lowest ones, with a retry among them: one multiple ack.
     let mut batch: Vec<Finish> = claimed[0..4].iter().map(|c| finish(c, ok())).collect();
     batch.push(finish(
         &claimed[4],
@@ -259,26 +261,30 @@ async fn out_of_order_finishes_ack_each_job_exactly_once() {
     // j7 stays open; j8..j11 are above it.
     let batch: Vec<Finish> = claimed[8..12].iter().map(|c| finish(c, ok())).collect();
     assert_eq!(b.finish(&batch).await.expect("finish"), [true; 4]);
-    // The channel still works: the held job's lease is alive, and it finishes last.
-    assert_eq!(
-        b.heartbeat(
-            &[(claimed[7].job.id, claimed[7].token)],
-            Duration::from_secs(30)
-        )
-        .await
-        .expect("heartbeat"),
-        [true]
-    );
     assert_eq!(
         b.finish(&[finish(&claimed[7], ok())])
             .await
             .expect("finish"),
         [true]
     );
+    // A round trip on the claim channel after every ack frame: an empty claim. Then the
+    // canary, claimed first and still running, still holds its lease on that channel.
+    assert!(claim(&b, 1).await.is_empty());
+    assert_eq!(
+        b.heartbeat(&[(canary.job.id, canary.token)], Duration::from_secs(30))
+            .await
+            .expect("heartbeat"),
+        [true],
+        "the claim channel closed: an ack covered a tag twice"
+    );
+    assert_eq!(
+        b.finish(&[finish(&canary, ok())]).await.expect("finish"),
+        [true]
+    );
     // Nothing unacked: closing the handle returns nothing to the work queue.
     b.close().await;
     let other = h.make(&h.current()).await;
-    assert!(claim(&other, 12).await.is_empty(), "an acked job came back");
+    assert!(claim(&other, 13).await.is_empty(), "an acked job came back");
     let counts = other.counts(Some("default")).await.expect("counts");
     assert_eq!((counts.ready, counts.scheduled), (0, 1), "{counts:?}");
 }
@@ -417,7 +423,7 @@ async fn a_dead_letter_is_listed_republished_and_purged() {
 }
 
 /// `QueueNaming::Abp` puts default-queue jobs in `AbpBackgroundJobs.{JobName}`, and a message
-/// published there without Backline headers (as ABP publishes it) runs as a fresh job.
+/// published there without a `type` or Backline headers (as ABP publishes it) runs as a fresh job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abp_naming_and_a_message_without_headers() {
     use backline_rabbitmq::lapin::{
@@ -1012,7 +1018,7 @@ async fn a_quorum_delivery_limit_dead_letters_the_message() {
     assert_eq!(b.counts(None).await.expect("counts").dead, 0);
 }
 
-/// A message without Backline headers in a landing queue (its job name unknown) goes to the
+/// A message without a job name (no `type`, no Backline headers) in a landing queue (its job name unknown) goes to the
 /// dead letters with a reason, not away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_message_in_a_landing_queue_is_dead_lettered() {

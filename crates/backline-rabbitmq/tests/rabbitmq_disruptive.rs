@@ -263,17 +263,17 @@ struct Relay {
     link: watch::Sender<Link>,
 }
 
-/// An `amqp://user:pass@host:port/vhost` URL split around its `host:port`.
+/// An `amqp://user:pass@host:port/vhost` URL split around its `host:port` (port 5672 if none).
 fn split_authority(url: &str) -> (String, String, String) {
     let start = url
         .find('@')
         .map_or_else(|| url.find("//").map_or(0, |i| i + 2), |i| i + 1);
     let end = url[start..].find('/').map_or(url.len(), |i| start + i);
-    (
-        url[..start].to_owned(),
-        url[start..end].to_owned(),
-        url[end..].to_owned(),
-    )
+    let mut hostport = url[start..end].to_owned();
+    if !hostport.contains(':') {
+        hostport.push_str(":5672");
+    }
+    (url[..start].to_owned(), hostport, url[end..].to_owned())
 }
 
 impl Relay {
