@@ -289,8 +289,9 @@ async fn out_of_order_finishes_ack_each_job_exactly_once() {
     assert_eq!((counts.ready, counts.scheduled), (0, 1), "{counts:?}");
 }
 
-/// A job delayed by 2 s enqueued before one delayed by 200 ms: the short delay runs first
-/// (different delays sit in different wait queues, so the long one blocks nothing).
+/// A job delayed by 10 s enqueued before one delayed by 1 s (the case): the short
+/// delay runs first (different delays sit in different wait queues, so the long one blocks
+/// nothing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_delays_run_in_delay_order() {
     let Some((_h, b)) = fresh().await else { return };
@@ -299,14 +300,14 @@ async fn mixed_delays_run_in_delay_order() {
     let long = manager
         .enqueue_with(
             Task::ok("long"),
-            EnqueueOptions::new().delay(Duration::from_secs(2)),
+            EnqueueOptions::new().delay(Duration::from_secs(10)),
         )
         .await
         .expect("enqueue");
     let short = manager
         .enqueue_with(
             Task::ok("short"),
-            EnqueueOptions::new().delay(Duration::from_millis(200)),
+            EnqueueOptions::new().delay(Duration::from_secs(1)),
         )
         .await
         .expect("enqueue");
