@@ -236,7 +236,11 @@ async fn expect_ready(backend: &Arc<dyn Backend>, n: usize) -> Result<()> {
 }
 
 /// `n` jobs enqueued with one `enqueue` call each, from `tasks` concurrent tasks; jobs/s.
-async fn enqueue_one_by_one(backend: Arc<dyn Backend>, n: usize, tasks: usize) -> Result<f64> {
+pub(crate) async fn enqueue_one_by_one(
+    backend: Arc<dyn Backend>,
+    n: usize,
+    tasks: usize,
+) -> Result<f64> {
     let manager = JobManager::new(backend.clone());
     let mut set = JoinSet::new();
     let start = Instant::now();

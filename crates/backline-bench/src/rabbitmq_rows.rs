@@ -14,11 +14,16 @@
 //!   crash never counts an attempt for it; a push consumer's prefetched messages would be).
 //!
 //! Each run measures the bare and the job-shaped publishes in alternating order, so that
-//! neither always meets the fresher queue.
+//! neither always meets the fresher queue. The broker's rate drifts by ±20 % within a bench
+//! run, so one pair is measured back to back, in alternating order: Backline's enqueue one by
+//! one and the raw publish of the same messages (the `paired` rows; their ratio is the one to
+//! trust for enqueue one by one).
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backline_core::Backend;
 use backline_rabbitmq::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -256,6 +261,7 @@ pub(crate) async fn raw_rows(plan: &Plan) -> Result<Vec<Row>> {
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let (mut bare, mut like, mut one, mut one_like) = (vec![], vec![], vec![], vec![]);
     let (mut drain, mut drain_multiple, mut drain_pull) = (vec![], vec![], vec![]);
+    let (mut paired_backline, mut paired_raw) = (vec![], vec![]);
     for run in 0..plan.runs {
         let q = raw_queue(&ch).await?;
         let purge = || ch.queue_purge(q.as_str().into(), Default::default());
@@ -271,6 +277,18 @@ pub(crate) async fn raw_rows(plan: &Plan) -> Result<Vec<Row>> {
                     one.push(publish_one_by_one(&ch, &q, single, tasks, false).await?);
                 }
                 purge().await?;
+            }
+            for backline_turn in [run % 2 == 0, run % 2 == 1] {
+                if backline_turn {
+                    let fresh = FreshPrefix::create().await?;
+                    let backend: Arc<dyn Backend> = Arc::new(fresh.backend.clone());
+                    let rate = crate::measure::enqueue_one_by_one(backend, single, tasks).await;
+                    fresh.dispose().await;
+                    paired_backline.push(rate?);
+                } else {
+                    paired_raw.push(publish_one_by_one(&ch, &q, single, tasks, true).await?);
+                    purge().await?;
+                }
             }
             publish(&ch, &q, n, window, false).await?;
             drain.push(consume(&conn, &q, n, 1).await?);
@@ -316,6 +334,20 @@ pub(crate) async fn raw_rows(plan: &Plan) -> Result<Vec<Row>> {
             single,
             Unit::JobsPerSecond,
             one_like,
+        ),
+        Row::new(
+            format!("enqueue_single_paired_c{tasks}"),
+            format!("paired: Backline enqueue one by one, {tasks} tasks"),
+            single,
+            Unit::JobsPerSecond,
+            paired_backline,
+        ),
+        Row::new(
+            format!("raw_publish_single_paired_c{tasks}"),
+            "paired: raw publish, job's properties".to_owned(),
+            single,
+            Unit::JobsPerSecond,
+            paired_raw,
         ),
         Row::new(
             "raw_consume_ack_p100".to_owned(),

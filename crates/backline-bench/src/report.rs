@@ -209,6 +209,7 @@ impl Report {
             ("enqueue_batch_1000", "raw_publish_props_1000"),
             ("enqueue_single_32_tasks", "raw_publish_single_c32"),
             ("enqueue_single_32_tasks", "raw_publish_single_props_c32"),
+            ("enqueue_single_paired_c32", "raw_publish_single_paired_c32"),
             ("drain_c256", "raw_consume_ack_p100"),
             ("drain_c256", "raw_consume_multiack_p100"),
             ("drain_c256", "raw_get_multiack_256"),
