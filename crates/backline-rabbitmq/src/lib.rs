@@ -212,6 +212,10 @@ impl Drop for Probe<'_> {
     }
 }
 
+/// The most tags kept above a gap in the claim channel's tags: a gap that many deliveries old
+/// is a claim dropped in flight, not a reply still on its way.
+const MAX_AHEAD: usize = 65_536;
+
 /// What this handle knows of its claim channel's delivery tags. A channel numbers its
 /// deliveries 1, 2, 3, …, and only claims' `basic.get`s receive deliveries on it.
 #[derive(Debug, Default)]
@@ -221,6 +225,9 @@ struct Tags {
     /// Tags received above a gap: a delivery still on its way to its `basic.get`, or one whose
     /// claim was dropped (cancelled) in flight, which this handle never sees.
     received_ahead: BTreeSet<u64>,
+    /// Whether the gap is one that never fills (more than [`MAX_AHEAD`] tags received above
+    /// it): `received_ahead` is no longer kept, and no multiple ack reaches past the gap.
+    stuck: bool,
     /// Received tags neither acked nor handed back yet.
     open: BTreeSet<u64>,
 }
@@ -231,6 +238,9 @@ impl Tags {
         if self.received_below == 0 {
             self.received_below = 1;
         }
+        if self.stuck {
+            return;
+        }
         if tag == self.received_below {
             self.received_below += 1;
             while self.received_ahead.remove(&self.received_below) {
@@ -238,6 +248,10 @@ impl Tags {
             }
         } else if tag > self.received_below {
             self.received_ahead.insert(tag);
+            if self.received_ahead.len() > MAX_AHEAD {
+                self.received_ahead.clear();
+                self.stuck = true;
+            }
         }
     }
 
@@ -1047,8 +1061,8 @@ impl Inner {
         self.confirmed(c, routing_key, deadline).await
     }
 
-    /// Moves another publisher's message (no job name) out of a wait or landing queue (where its job
-    /// name is unknown) into `queue`'s dead letters, confirmed, with the reason in its headers.
+    /// Moves another publisher's message (no job name) out of a wait or landing queue into
+    /// `queue`'s dead letters, confirmed, with the reason in its headers.
     async fn dead_letter_foreign(
         &self,
         conn: &Conn,
@@ -1086,8 +1100,8 @@ impl Inner {
         Ok(due)
     }
 
-    /// Another publisher's message (no job name) in `queue`'s landing queue (published there by
-    /// hand, or dead-lettered from a wait step): its job is unknown, so it goes to the dead
+    /// Another publisher's message (no job name) in `queue`'s landing queue (published there
+    /// by hand, or dead-lettered from a wait step): its job is unknown, so it goes to the dead
     /// letters with the reason, confirmed, before the caller acks it.
     async fn landing_foreign(
         &self,
@@ -1970,6 +1984,14 @@ mod tests {
         // 1..=4 received and acked; 5 open.
         assert_eq!(tags.multiple_below(), 5);
         tags.open.remove(&5);
+        assert_eq!(tags.multiple_below(), 6);
+        // A gap that never fills (tag 6 never arrives) stops multiple acks below it for good,
+        // without keeping every later tag.
+        for t in 7..(8 + MAX_AHEAD as u64) {
+            tags.received(t);
+            tags.open.remove(&t);
+        }
+        assert!(tags.stuck && tags.received_ahead.is_empty());
         assert_eq!(tags.multiple_below(), 6);
     }
 

@@ -7,8 +7,8 @@
 //! machine that is what a confirmed publish costs: in the bench, a `null` body with the ten
 //! fields in properties and seven `x-backline-*` headers (about 250 bytes) published at
 //! 55–65 % of the bare message's rate, one long-string header alone cost as much, and a
-//! 100-byte body cost 20 %. So a fresh job
-//! travels in the standard properties, which any AMQP tool shows:
+//! 100-byte body cost 20 %. So a fresh job travels in the standard properties, which any AMQP
+//! tool shows:
 //!
 //! | field | where |
 //! |---|---|
@@ -256,9 +256,10 @@ impl Meta {
             .with_delivery_mode(2)
             .with_priority(amqp_priority(self.priority))
             .with_message_id(ShortString::from(self.id.to_string()));
-        // Job names are at most 100 bytes (checked when a work queue is declared); a longer
-        // one (from another publisher's header) does not fit a short string.
-        if self.name.len() <= 255 {
+        // The reader takes a `type` for a job name only if it is a valid one (see
+        // `from_delivery`); any other name (none Backline declares a queue for) goes in a
+        // header, as `type` could not hold one over 255 bytes anyway.
+        if crate::config::check_job_name(&self.name).is_ok() {
             props = props.with_type(ShortString::from(self.name.clone()));
         } else {
             h.insert(
