@@ -148,10 +148,11 @@ impl RabbitMqConfig {
         self
     }
 
-    /// How long a publish waits for the broker's confirm (default 30 s) before it fails with
+    /// How long an `enqueue` (the whole batch: declarations, sends and confirms) or a move
+    /// of a finished job may wait for the broker (default 30 s) before it fails with
     /// [`Error::Timeout`]: a broker that stopped answering (a network partition, a memory or
-    /// disk alarm blocking publishers) fails an `enqueue` instead of hanging it. The message
-    /// may still have been stored: an `enqueue` retried after a time-out can store it twice.
+    /// disk alarm blocking publishers) fails an `enqueue` instead of hanging it. The messages
+    /// may still have been stored: an `enqueue` retried after a time-out can store them twice.
     pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
         self
