@@ -1684,7 +1684,12 @@ impl Backend for RabbitMqBackend {
             .iter()
             .filter_map(|r| r.as_ref().ok().copied().flatten())
             .collect();
-        let sent = self.inner.ack_claimed(&conn, &tags).await;
+        let sent: HashSet<u64> = self
+            .inner
+            .ack_claimed(&conn, &tags)
+            .await
+            .into_iter()
+            .collect();
         Ok(results
             .into_iter()
             .map(|r| matches!(r, Ok(Some(t)) if sent.contains(&t)))
