@@ -351,27 +351,39 @@ async fn claim_all(b: &RabbitMqBackend) -> BTreeSet<JobId> {
     claimed.into_iter().map(|c| c.job.id).collect()
 }
 
+/// A handle on a fresh prefix connected straight to the broker, and one through a relay of
+/// its own, configured by `configure`; their queues are deleted when the [`Cleanup`] drops.
+/// `None` when the broker is unreachable (and services are not required).
+async fn through_relay(
+    configure: impl FnOnce(RabbitMqConfig) -> RabbitMqConfig,
+) -> Option<(Relay, RabbitMqBackend, RabbitMqBackend, Cleanup)> {
+    let prefix = format!("backline-test-{:016x}", fastrand::u64(..));
+    let direct = connect(&prefix, &format!("{prefix}-direct")).await?;
+    let relay = Relay::start().await;
+    let through = RabbitMqBackend::connect(configure(
+        RabbitMqConfig::new(&relay.url).with_prefix(&prefix),
+    ))
+    .await
+    .expect("connect through the relay");
+    let cleanup = Cleanup {
+        prefix,
+        backends: vec![direct.clone(), through.clone()],
+    };
+    Some((relay, direct, through, cleanup))
+}
+
 /// While the broker is unreachable, `enqueue` fails with a connection error (after its
 /// reconnect attempts) instead of hanging or pretending; every job it confirmed before is
 /// still there, and enqueueing works again once the broker is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_fails_clearly_while_the_broker_is_down_and_loses_nothing_it_confirmed() {
-    let prefix = format!("backline-test-{:016x}", fastrand::u64(..));
-    let Some(direct) = connect(&prefix, &format!("{prefix}-direct")).await else {
-        return;
-    };
-    let relay = Relay::start().await;
-    let through = RabbitMqBackend::connect(
-        RabbitMqConfig::new(&relay.url)
-            .with_prefix(&prefix)
-            .with_reconnect_attempts(2)
-            .with_connect_timeout(Duration::from_secs(2)),
-    )
+    let Some((relay, direct, through, _cleanup)) = through_relay(|c| {
+        c.with_reconnect_attempts(2)
+            .with_connect_timeout(Duration::from_secs(2))
+    })
     .await
-    .expect("connect through the relay");
-    let _cleanup = Cleanup {
-        prefix: prefix.clone(),
-        backends: vec![direct.clone(), through.clone()],
+    else {
+        return;
     };
     let manager = JobManager::new(Arc::new(through.clone()));
     let mut confirmed: BTreeSet<JobId> = manager
@@ -407,21 +419,10 @@ async fn enqueue_fails_clearly_while_the_broker_is_down_and_loses_nothing_it_con
 /// it answers again, the handle works on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_publish_times_out_and_the_handle_recovers() {
-    let prefix = format!("backline-test-{:016x}", fastrand::u64(..));
-    let Some(direct) = connect(&prefix, &format!("{prefix}-direct")).await else {
+    let Some((relay, direct, through, _cleanup)) =
+        through_relay(|c| c.with_confirm_timeout(Duration::from_millis(300))).await
+    else {
         return;
-    };
-    let relay = Relay::start().await;
-    let through = RabbitMqBackend::connect(
-        RabbitMqConfig::new(&relay.url)
-            .with_prefix(&prefix)
-            .with_confirm_timeout(Duration::from_millis(300)),
-    )
-    .await
-    .expect("connect through the relay");
-    let _cleanup = Cleanup {
-        prefix: prefix.clone(),
-        backends: vec![direct.clone(), through.clone()],
     };
     let manager = JobManager::new(Arc::new(through.clone()));
     // Declares the work queue while the broker answers.
