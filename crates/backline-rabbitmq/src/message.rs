@@ -78,10 +78,6 @@ pub(crate) const FOREIGN_MAX_ATTEMPTS: u32 = 12;
 /// [`RetryPolicy`]'s default today, so most jobs need no header for it.
 pub(crate) const DEFAULT_MAX_ATTEMPTS: u32 = 25;
 
-fn default_max_attempts() -> u32 {
-    DEFAULT_MAX_ATTEMPTS
-}
-
 /// The time in a UUIDv7 id, to the millisecond.
 fn id_time(id: JobId) -> Option<DateTime<Utc>> {
     let (secs, nanos) = id.as_uuid().get_timestamp()?.to_unix();
@@ -224,7 +220,7 @@ impl Meta {
                 AMQPValue::LongLongInt(i64::from(self.attempt)),
             );
         }
-        if self.max_attempts != default_max_attempts() {
+        if self.max_attempts != DEFAULT_MAX_ATTEMPTS {
             h.insert(
                 H_MAX_ATTEMPTS.into(),
                 AMQPValue::LongLongInt(i64::from(self.max_attempts)),
@@ -311,7 +307,7 @@ impl Meta {
             .or(kind)?;
         let id = parsed_id.unwrap_or_default();
         let default_max = if ours {
-            default_max_attempts()
+            DEFAULT_MAX_ATTEMPTS
         } else {
             FOREIGN_MAX_ATTEMPTS
         };
