@@ -100,6 +100,22 @@ pub enum Error {
     /// The component is shutting down and takes no new work.
     #[error("shutting down")]
     ShuttingDown,
+    /// A stored job cannot be read: one of its fields holds a value of the wrong type or out of
+    /// its range (a row written by hand, a migration script or another client).
+    ///
+    /// It costs only that job: a claim marks it dead with this text as its `last_error`, and
+    /// `list` skips it with a warning; `get` returns this error.
+    #[error("{backend}: job {job} cannot be read: {field}: {problem}")]
+    Undecodable {
+        /// The backend's name.
+        backend: &'static str,
+        /// The job: its id, or how the store finds it when the id itself is unreadable.
+        job: String,
+        /// The column, hash field or header that holds the bad value.
+        field: String,
+        /// What is wrong with the value.
+        problem: String,
+    },
 }
 
 impl Error {
@@ -118,6 +134,48 @@ impl Error {
         Error::NotFound {
             what: format!("job {id}"),
         }
+    }
+}
+
+/// An error with its whole source chain, for log lines: `outer: cause: root cause`.
+///
+/// `tracing`'s `%e` prints only the outermost message (`postgres failed during claim`), which
+/// hides the part an operator needs (the column, the driver's message). Every log line of
+/// Backline and its providers that carries an error prints it through this type. A source whose
+/// text the previous message already contains (drivers that repeat their cause) is not repeated.
+///
+/// ```
+/// use backline_core::{Error, ErrorChain};
+/// let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+/// let e = Error::Connection { backend: "postgres", op: "claim", source: Box::new(io) };
+/// assert_eq!(
+///     ErrorChain(&e).to_string(),
+///     "connection to postgres failed during claim: connection refused"
+/// );
+/// ```
+#[derive(Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut previous = self.0.to_string();
+        f.write_str(&previous)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            let text = e.to_string();
+            if !text.is_empty() && !previous.contains(&text) {
+                write!(f, ": {text}")?;
+            }
+            previous = text;
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
 }
 

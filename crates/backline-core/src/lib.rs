@@ -14,7 +14,7 @@ pub use backend::{
     Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Finish, Job, JobFilter, LeaseToken,
     Maintenance, MaintenanceReport, NewJob, Outcome, RunAt,
 };
-pub use error::{redact_url, BoxError, Error, Result};
+pub use error::{redact_url, BoxError, Error, ErrorChain, Result};
 pub use job::{
     BackgroundJob, Extensions, FailureKind, JobArgs, JobContext, JobError, JobId, JobState,
     Priority,

@@ -1,5 +1,6 @@
 //! A distributed lock over any backend with the `locks` capability.
 
+use crate::ErrorChain;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,7 +102,7 @@ impl DistributedLock {
             task.abort();
         }
         if let Err(e) = self.backend.lock_release(&self.name, self.owner).await {
-            tracing::warn!(lock = %self.name, error = %e, "cannot release lock; it will expire");
+            tracing::warn!(lock = %self.name, error = %ErrorChain(&e), "cannot release lock; it will expire");
         }
     }
 }
@@ -140,7 +141,7 @@ async fn renew(
                 return;
             }
             Err(e) => {
-                tracing::warn!(lock = %name, error = %e, "cannot renew lock");
+                tracing::warn!(lock = %name, error = %ErrorChain(&e), "cannot renew lock");
                 if last_ok.elapsed() >= ttl {
                     tracing::warn!(lock = %name, "lock lost: not renewed within its TTL");
                     lost.cancel();

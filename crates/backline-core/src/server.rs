@@ -1,5 +1,6 @@
 //! The job server: claims due jobs and runs their handlers.
 
+use crate::ErrorChain;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -455,7 +456,7 @@ impl JobServer {
         let _ = heart.await;
         drop(run);
         if let Err(e) = finisher.await {
-            tracing::error!(error = %e, "result writer failed");
+            tracing::error!(error = %ErrorChain(&e), "result writer failed");
         }
         let _ = maint.await;
         tracing::info!("job server stopped");
@@ -531,7 +532,7 @@ async fn claim_loop(run: Arc<Run>, queue: String, concurrency: usize) {
             }
             Err(e) => {
                 drop(permits);
-                tracing::warn!(queue = %queue, error = %e, retry_in = ?backoff, "claim failed");
+                tracing::warn!(queue = %queue, error = %ErrorChain(&e), retry_in = ?backoff, "claim failed");
                 if !sleep_or(&run.draining, backoff).await {
                     break;
                 }
@@ -581,7 +582,7 @@ async fn claim_loop(run: Arc<Run>, queue: String, concurrency: usize) {
             flush(&run).await;
             let m = maintenance(&cfg);
             if let Err(e) = inner.backend.maintain(&m).await {
-                tracing::warn!(error = %e, "maintenance failed");
+                tracing::warn!(error = %ErrorChain(&e), "maintenance failed");
             }
             quiet_rounds += 1;
             if quiet_rounds >= 2 {
@@ -594,7 +595,7 @@ async fn claim_loop(run: Arc<Run>, queue: String, concurrency: usize) {
             r = wait => match r {
                 Ok(s) => seen = s,
                 Err(e) => {
-                    tracing::warn!(queue = %queue, error = %e, "wake-up signal failed; polling");
+                    tracing::warn!(queue = %queue, error = %ErrorChain(&e), "wake-up signal failed; polling");
                     if !sleep_or(&run.draining, cfg.poll_interval.min(backoff)).await {
                         break;
                     }
@@ -825,7 +826,7 @@ async fn write_results(inner: &Inner, batch: &[Finish]) {
                 return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, attempt, "cannot write job results; retrying");
+                tracing::warn!(error = %ErrorChain(&e), attempt, "cannot write job results; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(inner.config.max_error_backoff);
             }
@@ -864,7 +865,7 @@ async fn heartbeat_loop(run: Arc<Run>, stop: CancellationToken) {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            Err(e) => tracing::warn!(error = %ErrorChain(&e), "heartbeat failed"),
         }
     }
 }
@@ -886,7 +887,7 @@ async fn maintenance_loop(inner: Arc<Inner>, stop: CancellationToken) {
                     continue;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "maintenance failed"),
+            Err(e) => tracing::warn!(error = %ErrorChain(&e), "maintenance failed"),
         }
         if !sleep_or(&stop, cfg.maintenance_interval).await {
             return;

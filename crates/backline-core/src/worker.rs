@@ -1,5 +1,6 @@
 //! Background workers: long-running tasks that live as long as the application.
 
+use crate::ErrorChain;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -595,7 +596,7 @@ async fn run_locked(
             Ok(Some(lock)) => break lock,
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(worker = worker.name(), error = %e, "cannot take the singleton lock; trying again")
+                tracing::warn!(worker = worker.name(), error = %ErrorChain(&e), "cannot take the singleton lock; trying again")
             }
         }
         tokio::select! {

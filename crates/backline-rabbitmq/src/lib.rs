@@ -3,6 +3,7 @@
 mod config;
 mod message;
 
+use backline_core::ErrorChain;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -316,7 +317,7 @@ async fn send_wake(conn: &Conn, key: &str, queue: &str) -> bool {
     let admin = match conn.admin().await {
         Ok(admin) => admin,
         Err(e) => {
-            tracing::debug!(queue = %queue, error = %e, "no channel for a wake-up");
+            tracing::debug!(queue = %queue, error = %ErrorChain(&e), "no channel for a wake-up");
             return false;
         }
     };
@@ -332,7 +333,7 @@ async fn send_wake(conn: &Conn, key: &str, queue: &str) -> bool {
     match sent {
         Ok(_) => true,
         Err(e) => {
-            tracing::debug!(queue = %queue, error = %e, "wake-up publish failed");
+            tracing::debug!(queue = %queue, error = %ErrorChain(&e), "wake-up publish failed");
             false
         }
     }
@@ -348,7 +349,7 @@ async fn requeue(acker: &Acker) {
         })
         .await;
     if let Err(e) = nacked {
-        tracing::debug!(error = %e, "nack failed; the broker requeues the delivery when its channel closes");
+        tracing::debug!(error = %ErrorChain(&e), "nack failed; the broker requeues the delivery when its channel closes");
     }
 }
 
@@ -799,7 +800,7 @@ impl Inner {
                             },
                         });
                     }
-                    tracing::warn!(error = %e, retry_in = ?delay, "RabbitMQ connect failed");
+                    tracing::warn!(error = %ErrorChain(&e), retry_in = ?delay, "RabbitMQ connect failed");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -1200,7 +1201,7 @@ impl Inner {
                     }
                     Err(e) => {
                         // Back to the landing queue; try again after a pause, never in a loop.
-                        tracing::warn!(queue = %queue, error = %e, "delay relay failed; retrying in a second");
+                        tracing::warn!(queue = %queue, error = %ErrorChain(&e), "delay relay failed; retrying in a second");
                         let _ = delivery
                             .acker
                             .nack(BasicNackOptions {
@@ -1367,7 +1368,7 @@ impl Inner {
             }
         };
         if let Err(e) = moved {
-            tracing::warn!(job = %f.id, error = %e, "moving a finished job failed; the broker redelivers it");
+            tracing::warn!(job = %f.id, error = %ErrorChain(&e), "moving a finished job failed; the broker redelivers it");
             self.requeue_claimed(conn, &h.acker, h.tag).await;
             return Err(e);
         }
@@ -1407,7 +1408,7 @@ impl Inner {
             match conn.claim.basic_ack(last, options).await {
                 Ok(()) => sent.extend_from_slice(&below),
                 Err(e) => {
-                    tracing::debug!(error = %e, "ack failed; the broker redelivers those jobs")
+                    tracing::debug!(error = %ErrorChain(&e), "ack failed; the broker redelivers those jobs")
                 }
             }
         }
@@ -1420,7 +1421,9 @@ impl Inner {
         for r in futures_util::future::join_all(singles).await {
             match r {
                 Ok(t) => sent.push(t),
-                Err(e) => tracing::debug!(error = %e, "ack failed; the broker redelivers the job"),
+                Err(e) => {
+                    tracing::debug!(error = %ErrorChain(&e), "ack failed; the broker redelivers the job")
+                }
             }
         }
         sent
@@ -1664,7 +1667,7 @@ impl Backend for RabbitMqBackend {
         match failed {
             // The jobs already taken are held: return them rather than strand their leases.
             Some(e) if !out.is_empty() => {
-                tracing::warn!(queue = %req.queue, error = %e, claimed = out.len(), "claim failed part-way; returning the jobs taken");
+                tracing::warn!(queue = %req.queue, error = %ErrorChain(&e), claimed = out.len(), "claim failed part-way; returning the jobs taken");
                 Ok(out)
             }
             Some(e) => Err(e),
@@ -1718,7 +1721,7 @@ impl Backend for RabbitMqBackend {
         // Wake-ups from other handles and processes arrive on this connection's waker.
         if let Some(conn) = self.inner.current() {
             if let Err(e) = self.inner.ensure_waker(&conn, queue).await {
-                tracing::debug!(queue = %queue, error = %e, "cannot listen to wake-ups; polling");
+                tracing::debug!(queue = %queue, error = %ErrorChain(&e), "cannot listen to wake-ups; polling");
             }
         }
         let signal = self.inner.signal(queue);

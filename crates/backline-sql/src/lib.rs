@@ -54,7 +54,8 @@ pub struct SqlBackend {
 /// What every driver does beyond [`Backend`].
 #[async_trait]
 pub(crate) trait DriverOps: Backend {
-    async fn migrate(&self) -> Result<()>;
+    /// Applies the migrations up to schema version `target` (capped at the newest).
+    async fn migrate(&self, target: usize) -> Result<()>;
     async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String>;
     /// The generic plan of the batched finish (PostgreSQL only: elsewhere the finish is
     /// plain `… WHERE id IN (…)` statements).
@@ -151,7 +152,14 @@ impl SqlBackend {
     /// Creates or upgrades the tables: the jobs table, its indexes and `{table}_locks`, recorded
     /// in `backline_migrations` (in the same schema). Safe to call from several processes at once.
     pub async fn migrate(&self) -> Result<()> {
-        self.ops.migrate().await
+        self.ops.migrate(usize::MAX).await
+    }
+
+    /// Applies the migrations up to schema version `version` only: for tests that need a table
+    /// of an older schema (as an upgraded deployment has). Not part of the supported API.
+    #[doc(hidden)]
+    pub async fn migrate_to(&self, version: usize) -> Result<()> {
+        self.ops.migrate(version).await
     }
 
     /// The jobs table.

@@ -7,16 +7,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backline_core::{
-    Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, Finish, Job, JobFilter, JobId,
-    JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome, Result, RunAt,
+    Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, ErrorChain, Finish, Job,
+    JobFilter, JobId, JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome,
+    Result, RunAt,
 };
 use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{AssertSqlSafe, Executor, MySqlConnection, Row};
 
 use crate::common::{
-    map_err, micros, placeholders, sort_claimed, timeout_ms, token_to_db, FinishPlan, RawJob,
-    Signals, ID_CHUNK,
+    column, decode_all, decode_job, map_err, mark_dead_sql, micros, placeholders, ranges_check,
+    repair_sql, sort_claimed, state_list, timeout_ms, token_to_db, warn_skipped, BadColumn,
+    FinishPlan, Flavor, JobRow, Signals, COLUMNS, ID_CHUNK,
 };
 use crate::config::{SqlConfig, TableName};
 
@@ -25,8 +27,13 @@ const NAME: &str = "mysql";
 /// MySQL has no partial indexes, so each index leads with `state`: the claim index is
 /// `(state, queue, priority DESC, run_at, id)`, read in the claim's ORDER BY direction
 /// (MariaDB ≥ 10.8 and MySQL 8 honour `DESC`).
-const MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE IF NOT EXISTS {table} (
+///
+/// Version 2 adds range `CHECK`s ([`ranges_check`]), a state check and a time check (no zero
+/// dates): rows that would break them are first made dead with their reason ([`repair_sql`]),
+/// as MariaDB and MySQL check the existing rows when a constraint is added.
+const MIGRATIONS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE IF NOT EXISTS {table} (
         id BINARY(16) NOT NULL PRIMARY KEY,
         name VARCHAR(128) NOT NULL,
         queue VARCHAR(128) NOT NULL,
@@ -48,14 +55,23 @@ const MIGRATIONS: &[&[&str]] = &[&[
         KEY {name}_finished (state, finished_at),
         KEY {name}_queue_state (queue, state)
     ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
-    "CREATE TABLE IF NOT EXISTS {locks} (
+        "CREATE TABLE IF NOT EXISTS {locks} (
         name VARCHAR(191) NOT NULL PRIMARY KEY,
         owner BIGINT NOT NULL,
         expires_at DATETIME(6) NOT NULL
     ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
-]];
-
-const COLUMNS: &str = "id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at, last_error, lease_until, finished_at";
+    ],
+    &[
+        "{repair}",
+        "ALTER TABLE {table}
+        ADD CONSTRAINT {name}_ranges CHECK ({ranges}),
+        ADD CONSTRAINT {name}_state CHECK (state IN ({states})),
+        ADD CONSTRAINT {name}_times CHECK (
+            enqueued_at >= '1000-01-01' AND run_at >= '1000-01-01'
+            AND (lease_until IS NULL OR lease_until >= '1000-01-01')
+            AND (finished_at IS NULL OR finished_at >= '1000-01-01'))",
+    ],
+];
 
 /// The number of `?` in an `IN (…)` list for `n` ids: the next power of two. sqlx prepares each
 /// distinct statement text once per connection and keeps 100; an `IN` list as long as each batch
@@ -69,35 +85,37 @@ fn slots(n: usize) -> usize {
 /// The most rows in one multi-row `INSERT`.
 const INSERT_CHUNK: usize = 500;
 
-fn raw(row: &MySqlRow) -> std::result::Result<RawJob, sqlx::Error> {
-    let id: Vec<u8> = row.try_get("id")?;
-    let id = uuid::Uuid::from_slice(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-    Ok(RawJob {
-        id,
-        name: row.try_get("name")?,
-        queue: row.try_get("queue")?,
-        payload: row.try_get("payload")?,
-        priority: row.try_get("priority")?,
-        state: row.try_get("state")?,
-        attempt: row.try_get("attempt")?,
-        max_attempts: row.try_get("max_attempts")?,
-        timeout_ms: row.try_get("timeout_ms")?,
-        enqueued_at: row.try_get("enqueued_at")?,
-        run_at: row.try_get("run_at")?,
-        last_error: row.try_get("last_error")?,
-        lease_until: row.try_get("lease_until")?,
-        finished_at: row.try_get("finished_at")?,
-    })
+impl JobRow for MySqlRow {
+    fn job_id(&self) -> std::result::Result<uuid::Uuid, BadColumn> {
+        let id: Vec<u8> = column(self, "id")?;
+        uuid::Uuid::from_slice(&id).map_err(|e| BadColumn {
+            column: "id",
+            problem: format!("{} bytes are no UUID ({e})", id.len()),
+        })
+    }
+
+    fn time(&self, name: &'static str) -> std::result::Result<Option<DateTime<Utc>>, BadColumn> {
+        column(self, name).map_err(|mut bad| {
+            // sqlx reads MySQL's zero date ('0000-00-00', allowed without NO_ZERO_DATE) as an
+            // unexpected NULL: say what it is.
+            if bad.problem.contains("unexpected null") {
+                bad.problem = "a zero date (0000-00-00), which is no point in time".to_owned();
+            }
+            bad
+        })
+    }
 }
 
-fn job(row: &MySqlRow) -> Result<Job> {
-    raw(row)
-        .map_err(map_err(NAME, "decode a job"))?
-        .into_job(NAME)
+/// A row's key for messages (the id column of MySQL always reads: `BINARY(16)`).
+fn unreadable_id() -> String {
+    "with an unreadable id".to_owned()
 }
 
 fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    t + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// The MySQL/MariaDB backend behind [`SqlBackend`](crate::SqlBackend).
@@ -149,7 +167,7 @@ impl MySqlBackend {
         &self.pool
     }
 
-    pub(crate) async fn migrate(&self) -> Result<()> {
+    pub(crate) async fn migrate(&self, target: usize) -> Result<()> {
         let err = map_err(NAME, "migrate");
         let versions = self.table.sibling("backline_migrations");
         // DDL is not transactional here: serialize migrations with a named lock held by this
@@ -191,25 +209,29 @@ impl MySqlBackend {
                     MIGRATIONS.len()
                 )));
             }
-            for step in &MIGRATIONS[current..] {
+            // DDL commits on its own: each version is recorded as soon as it is applied, so an
+            // interrupted migration goes on where it stopped.
+            let target = target.min(MIGRATIONS.len());
+            for (version, step) in MIGRATIONS.iter().enumerate().take(target).skip(current) {
                 for stmt in *step {
                     let sql = stmt
+                        .replace("{repair}", &repair_sql(Flavor::MySql, "UTC_TIMESTAMP(6)"))
                         .replace("{table}", &self.t)
                         .replace("{name}", self.table.name())
-                        .replace("{locks}", &self.locks);
+                        .replace("{locks}", &self.locks)
+                        .replace("{ranges}", &ranges_check())
+                        .replace("{states}", &state_list());
                     sqlx::query(AssertSqlSafe(sql))
                         .execute(&mut *conn)
                         .await
                         .map_err(&err)?;
                 }
-            }
-            if current < MIGRATIONS.len() {
                 sqlx::query(AssertSqlSafe(format!(
                     "INSERT INTO {versions} (table_name, version, applied_at) VALUES (?, ?, UTC_TIMESTAMP(6))
                     ON DUPLICATE KEY UPDATE version = VALUES(version), applied_at = VALUES(applied_at)"
                 )))
                 .bind(self.table.qualified())
-                .bind(i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX))
+                .bind(i32::try_from(version + 1).unwrap_or(i32::MAX))
                 .execute(&mut *conn)
                 .await
                 .map_err(&err)?;
@@ -331,8 +353,8 @@ impl MySqlBackend {
 
 #[async_trait]
 impl crate::DriverOps for MySqlBackend {
-    async fn migrate(&self) -> Result<()> {
-        MySqlBackend::migrate(self).await
+    async fn migrate(&self, target: usize) -> Result<()> {
+        MySqlBackend::migrate(self, target).await
     }
 
     async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
@@ -390,18 +412,39 @@ impl Backend for MySqlBackend {
         }
         let db_now: DateTime<Utc> = rows[0].try_get("db_now").map_err(&err)?;
         let lease_until = add(db_now, req.lease);
+        let (jobs, bad) = decode_all(&rows);
+        // A row that cannot be read costs only itself: made dead in the same transaction (its
+        // row is locked by the select), with its reason; the others run.
+        for (_, b) in &bad {
+            let e = b.error(NAME, unreadable_id);
+            let Some(id) = b.id else {
+                tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read");
+                continue;
+            };
+            let sql = mark_dead_sql(&self.t, b, "UTC_TIMESTAMP(6)", "id", ["?", "?", "?"], false);
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(b.reason())
+                .bind(id.as_bytes().to_vec())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err(NAME, "mark an unreadable job dead"))?;
+            tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read; it is dead");
+        }
+        if jobs.is_empty() {
+            tx.commit().await.map_err(&err)?;
+            return Ok(Vec::new());
+        }
         let sql = format!(
             "UPDATE {} SET state = 'running', attempt = attempt + 1, lease_token = ?, lease_until = ?
             WHERE id IN ({})",
             self.t,
-            placeholders(slots(rows.len()))
+            placeholders(slots(jobs.len()))
         );
         let mut update = sqlx::query(AssertSqlSafe(sql))
             .bind(token_to_db(token))
             .bind(lease_until);
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let mut j = job(r)?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for mut j in jobs {
             update = update.bind(j.id.as_bytes().to_vec());
             j.state = JobState::Running;
             j.attempt += 1;
@@ -679,7 +722,9 @@ impl Backend for MySqlBackend {
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err(NAME, "get a job"))?;
-        row.as_ref().map(job).transpose()
+        row.as_ref()
+            .map(|r| decode_job(r).map_err(|b| b.error(NAME, unreadable_id)))
+            .transpose()
     }
 
     async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
@@ -709,7 +754,9 @@ impl Backend for MySqlBackend {
             .fetch_all(&self.pool)
             .await
             .map_err(map_err(NAME, "list jobs"))?;
-        rows.iter().map(job).collect()
+        let (jobs, bad) = decode_all(&rows);
+        warn_skipped(NAME, &bad, |_| unreadable_id());
+        Ok(jobs)
     }
 
     async fn counts(&self, queue: Option<&str>) -> Result<Counts> {

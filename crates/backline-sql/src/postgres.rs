@@ -1,6 +1,7 @@
 //! PostgreSQL: one-statement claims (`UPDATE … WHERE id = ANY(ARRAY(SELECT … SKIP LOCKED))`) and
 //! wake-ups through `LISTEN/NOTIFY`.
 
+use backline_core::ErrorChain;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,13 +13,14 @@ use backline_core::{
     JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Result, RunAt,
 };
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, PgConnection, Row};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow, PgValueFormat};
+use sqlx::{AssertSqlSafe, PgConnection, Row, ValueRef};
 use tokio::sync::oneshot;
 
 use crate::common::{
-    first_per_job, map_err, micros, sort_claimed, timeout_ms, token_from_db, token_to_db, RawJob,
-    Signals,
+    column, decode_all, decode_job, decode_problem, first_per_job, map_err, mark_dead_sql, micros,
+    ranges_check, repair_sql, sort_claimed, timeout_ms, token_from_db, token_to_db, warn_skipped,
+    BadColumn, Flavor, JobRow, Signals, COLUMNS,
 };
 use crate::config::{SqlConfig, TableName};
 
@@ -29,6 +31,11 @@ const MIGRATION_LOCK: i64 = 0x6261_636b_6c69_6e65; // "backline"
 
 /// The schema, in order; each step a list of statements. `{table}`, `{name}` and `{locks}` are
 /// replaced by the validated names.
+///
+/// Version 2 adds the range `CHECK`s ([`ranges_check`], and finite times) as `NOT VALID`: a
+/// short lock, after which every write is checked. Existing rows are repaired and the
+/// constraints validated afterwards, in a transaction of their own ([`PgBackend::validate`]),
+/// which locks no writer out while it scans the table.
 const MIGRATIONS: &[&[&str]] = &[&[
     "CREATE TABLE IF NOT EXISTS {table} (
         id uuid PRIMARY KEY,
@@ -58,9 +65,17 @@ const MIGRATIONS: &[&[&str]] = &[&[
         owner bigint NOT NULL,
         expires_at timestamptz NOT NULL
     )",
+], &[
+    "ALTER TABLE {table} ADD CONSTRAINT {name}_ranges CHECK ({ranges}) NOT VALID",
+    "ALTER TABLE {table} ADD CONSTRAINT {name}_times CHECK (
+        enqueued_at > '-infinity' AND enqueued_at < 'infinity' AND run_at > '-infinity' AND run_at < 'infinity'
+        AND (lease_until IS NULL OR (lease_until > '-infinity' AND lease_until < 'infinity'))
+        AND (finished_at IS NULL OR (finished_at > '-infinity' AND finished_at < 'infinity'))
+    ) NOT VALID",
 ]];
 
-const COLUMNS: &str = "id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at, last_error, lease_until, finished_at";
+/// The constraints of version 2, validated after their migration.
+const VALIDATED: [&str; 2] = ["ranges", "times"];
 
 /// The outcome kinds as the finish statements name them.
 const KIND_DROP: &str = "drop";
@@ -280,30 +295,48 @@ fn q(sql: &Arc<str>) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgr
     sqlx::query(AssertSqlSafe(sql.clone()))
 }
 
-fn raw(row: &PgRow) -> std::result::Result<RawJob, sqlx::Error> {
-    Ok(RawJob {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        queue: row.try_get("queue")?,
-        payload: row.try_get("payload")?,
-        priority: row.try_get("priority")?,
-        state: row.try_get("state")?,
-        attempt: row.try_get("attempt")?,
-        max_attempts: row.try_get("max_attempts")?,
-        timeout_ms: row.try_get("timeout_ms")?,
-        enqueued_at: row.try_get("enqueued_at")?,
-        run_at: row.try_get("run_at")?,
-        last_error: row.try_get("last_error")?,
-        lease_until: row.try_get("lease_until")?,
-        finished_at: row.try_get("finished_at")?,
-    })
+impl JobRow for PgRow {
+    fn job_id(&self) -> std::result::Result<uuid::Uuid, BadColumn> {
+        column(self, "id")
+    }
+
+    /// Reads a `timestamptz` without sqlx's chrono decoding, which panics on `infinity` and on
+    /// years past chrono's range (it adds the microseconds unchecked): such a value is a
+    /// [`BadColumn`], not a crashed claim loop.
+    fn time(&self, name: &'static str) -> std::result::Result<Option<DateTime<Utc>>, BadColumn> {
+        let bad = |problem: String| BadColumn {
+            column: name,
+            problem,
+        };
+        let value = self.try_get_raw(name).map_err(|e| bad(decode_problem(e)))?;
+        if value.is_null() {
+            return Ok(None);
+        }
+        match value.format() {
+            PgValueFormat::Binary => {
+                let bytes = value.as_bytes().map_err(|e| bad(e.to_string()))?;
+                let us = <[u8; 8]>::try_from(bytes)
+                    .map(i64::from_be_bytes)
+                    .map_err(|_| bad(format!("{} bytes are no timestamptz", bytes.len())))?;
+                match us {
+                    i64::MAX => Err(bad("infinity is no point in time".to_owned())),
+                    i64::MIN => Err(bad("-infinity is no point in time".to_owned())),
+                    _ => PG_EPOCH_US
+                        .checked_add(us)
+                        .and_then(DateTime::from_timestamp_micros)
+                        .map(Some)
+                        .ok_or_else(|| {
+                            bad("the time is outside the dates this crate can represent".to_owned())
+                        }),
+                }
+            }
+            PgValueFormat::Text => column(self, name),
+        }
+    }
 }
 
-fn job(row: &PgRow) -> Result<Job> {
-    raw(row)
-        .map_err(map_err(NAME, "decode a job"))?
-        .into_job(NAME)
-}
+/// PostgreSQL's epoch (2000-01-01 UTC) in microseconds since the Unix epoch.
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
 
 /// The PostgreSQL backend behind [`SqlBackend`](crate::SqlBackend).
 pub(crate) struct PgBackend {
@@ -373,7 +406,7 @@ impl PgBackend {
         &self.pool
     }
 
-    pub(crate) async fn migrate(&self) -> Result<()> {
+    pub(crate) async fn migrate(&self, target: usize) -> Result<()> {
         let err = map_err(NAME, "migrate");
         let versions = self.table.sibling("backline_migrations");
         let mut tx = self.pool.begin().await.map_err(&err)?;
@@ -415,28 +448,78 @@ impl PgBackend {
                 MIGRATIONS.len()
             )));
         }
-        for step in &MIGRATIONS[current..] {
+        let target = target.min(MIGRATIONS.len());
+        for step in MIGRATIONS.iter().take(target).skip(current) {
             for stmt in *step {
-                let sql = stmt
-                    .replace("{table}", &self.table.qualified())
-                    .replace("{name}", self.table.name())
-                    .replace(
-                        "{locks}",
-                        &self.table.sibling(&format!("{}_locks", self.table.name())),
-                    );
-                sqlx::raw_sql(AssertSqlSafe(sql))
+                sqlx::raw_sql(AssertSqlSafe(self.fill(stmt)))
                     .execute(&mut *tx)
                     .await
                     .map_err(&err)?;
             }
         }
-        if current < MIGRATIONS.len() {
+        if current < target {
             sqlx::query(AssertSqlSafe(format!(
                 "INSERT INTO {versions} (table_name, version) VALUES ($1, $2)
                 ON CONFLICT (table_name) DO UPDATE SET version = EXCLUDED.version, applied_at = now()"
             )))
             .bind(self.table.qualified())
-            .bind(i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX))
+            .bind(i32::try_from(target).unwrap_or(i32::MAX))
+            .execute(&mut *tx)
+            .await
+            .map_err(&err)?;
+        }
+        tx.commit().await.map_err(&err)?;
+        if target >= 2 {
+            self.validate().await?;
+        }
+        Ok(())
+    }
+
+    /// A migration statement with the validated names filled in.
+    fn fill(&self, stmt: &str) -> String {
+        stmt.replace("{table}", &self.table.qualified())
+            .replace("{name}", self.table.name())
+            .replace(
+                "{locks}",
+                &self.table.sibling(&format!("{}_locks", self.table.name())),
+            )
+            .replace("{ranges}", &ranges_check())
+    }
+
+    /// Validates the constraints of version 2 if they are not yet: first the rows that break
+    /// them are made dead with their reason and repaired ([`repair_sql`]), then `VALIDATE`
+    /// scans the table under a lock that lets every reader and writer go on. Rows written
+    /// since the constraints were added are checked on write, so none can break them here.
+    async fn validate(&self) -> Result<()> {
+        let err = map_err(NAME, "migrate (validate the constraints)");
+        let names: Vec<String> = VALIDATED
+            .iter()
+            .map(|c| format!("{}_{c}", self.table.name()))
+            .collect();
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_constraint
+            WHERE conrelid = to_regclass($1) AND conname::text = ANY($2::text[]) AND NOT convalidated",
+        )
+        .bind(self.table.qualified())
+        .bind(&names)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(&err)?;
+        if pending == 0 {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(&err)?;
+        sqlx::raw_sql(AssertSqlSafe(
+            self.fill(&repair_sql(Flavor::Postgres, "now()")),
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(&err)?;
+        for name in &names {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "ALTER TABLE {} VALIDATE CONSTRAINT {name}",
+                self.table.qualified()
+            )))
             .execute(&mut *tx)
             .await
             .map_err(&err)?;
@@ -601,7 +684,7 @@ async fn listen_loop(
             Ok(l) => l,
             Err(e) => {
                 if !was_lost {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "postgres LISTEN connection failed; polling until it is back");
+                    tracing::warn!(error = %ErrorChain(&e), retry_in = ?backoff, "postgres LISTEN connection failed; polling until it is back");
                     was_lost = true;
                 }
                 if let Some(tx) = ready.take() {
@@ -640,7 +723,7 @@ async fn listen_loop(
                 Err(e) => {
                     up.store(false, Ordering::Release);
                     signals.bump_all();
-                    tracing::warn!(error = %e, "postgres LISTEN connection lost; polling until it is back");
+                    tracing::warn!(error = %ErrorChain(&e), "postgres LISTEN connection lost; polling until it is back");
                     was_lost = true;
                     break;
                 }
@@ -651,8 +734,8 @@ async fn listen_loop(
 
 #[async_trait]
 impl crate::DriverOps for PgBackend {
-    async fn migrate(&self) -> Result<()> {
-        PgBackend::migrate(self).await
+    async fn migrate(&self, target: usize) -> Result<()> {
+        PgBackend::migrate(self, target).await
     }
 
     async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
@@ -709,10 +792,37 @@ impl Backend for PgBackend {
             .fetch_all(&self.pool)
             .await
             .map_err(map_err(NAME, "claim"))?;
-        let mut out = rows
-            .iter()
-            .map(|r| job(r).map(|job| ClaimedJob { job, token }))
-            .collect::<Result<Vec<_>>>()?;
+        let (jobs, bad) = decode_all(&rows);
+        // A row that cannot be read costs only itself: made dead right away (under the claim's
+        // token), with its reason; the others run.
+        for (_, b) in &bad {
+            let e = b.error(NAME, || "with an unreadable id".to_owned());
+            let Some(id) = b.id else {
+                // A uuid column always reads; left to its lease if it ever does not.
+                tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read");
+                continue;
+            };
+            let sql = mark_dead_sql(
+                &self.table.qualified(),
+                b,
+                "now()",
+                "id",
+                ["$1", "$2", "$3"],
+                true,
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(b.reason())
+                .bind(id)
+                .bind(token_to_db(token))
+                .execute(&self.pool)
+                .await
+                .map_err(map_err(NAME, "mark an unreadable job dead"))?;
+            tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read; it is dead");
+        }
+        let mut out: Vec<ClaimedJob> = jobs
+            .into_iter()
+            .map(|job| ClaimedJob { job, token })
+            .collect();
         sort_claimed(&mut out);
         Ok(out)
     }
@@ -859,7 +969,11 @@ impl Backend for PgBackend {
             .fetch_optional(&self.pool)
             .await
             .map_err(map_err(NAME, "get a job"))?;
-        row.as_ref().map(job).transpose()
+        row.as_ref()
+            .map(|r| {
+                decode_job(r).map_err(|b| b.error(NAME, || "with an unreadable id".to_owned()))
+            })
+            .transpose()
     }
 
     async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
@@ -873,7 +987,9 @@ impl Backend for PgBackend {
             .fetch_all(&self.pool)
             .await
             .map_err(map_err(NAME, "list jobs"))?;
-        rows.iter().map(job).collect()
+        let (jobs, bad) = decode_all(&rows);
+        warn_skipped(NAME, &bad, |_| "with an unreadable id".to_owned());
+        Ok(jobs)
     }
 
     async fn counts(&self, queue: Option<&str>) -> Result<Counts> {

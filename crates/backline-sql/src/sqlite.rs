@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backline_core::{
-    Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, Finish, Job, JobFilter, JobId,
-    JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome, Result, RunAt,
+    Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, ErrorChain, Finish, Job,
+    JobFilter, JobId, JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome,
+    Result, RunAt,
 };
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
@@ -19,47 +20,103 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
 use crate::common::{
-    map_err, micros, placeholders, sort_claimed, timeout_ms, token_to_db, FinishPlan, RawJob,
-    Signals, ID_CHUNK,
+    column, decode_all, decode_job, map_err, mark_dead_sql, micros, placeholders, ranges_check,
+    repair_sql, sort_claimed, state_list, timeout_ms, token_to_db, warn_skipped, BadColumn,
+    FinishPlan, Flavor, JobRow, Signals, COLUMNS, ID_CHUNK,
 };
 use crate::config::{SqlConfig, SqliteSync, TableName};
 
 const NAME: &str = "sqlite";
 
-const MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE IF NOT EXISTS {table} (
-        id BLOB PRIMARY KEY,
-        name TEXT NOT NULL,
-        queue TEXT NOT NULL,
-        payload BLOB NOT NULL,
-        priority INTEGER NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('scheduled', 'ready', 'running', 'retrying', 'succeeded', 'dead')),
-        attempt INTEGER NOT NULL DEFAULT 0,
-        max_attempts INTEGER NOT NULL,
-        timeout_ms INTEGER,
-        enqueued_at INTEGER NOT NULL,
-        run_at INTEGER NOT NULL,
-        last_error TEXT,
-        lease_token INTEGER,
-        lease_until INTEGER,
-        finished_at INTEGER
-    )",
+/// The indexes of the jobs table (created by version 1, again after version 2's rebuild).
+const INDEXES: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS {name}_claim ON {table} (queue, priority DESC, run_at, id) WHERE state = 'ready'",
     "CREATE INDEX IF NOT EXISTS {name}_due ON {table} (run_at) WHERE state IN ('scheduled', 'retrying')",
     "CREATE INDEX IF NOT EXISTS {name}_lease ON {table} (lease_until) WHERE state = 'running'",
     "CREATE INDEX IF NOT EXISTS {name}_finished ON {table} (finished_at) WHERE state IN ('succeeded', 'dead')",
     "CREATE INDEX IF NOT EXISTS {name}_queue_state ON {table} (queue, state)",
-    "CREATE TABLE IF NOT EXISTS {locks} (
-        name TEXT PRIMARY KEY,
-        owner INTEGER NOT NULL,
-        expires_at INTEGER NOT NULL
-    )",
-]];
+];
+
+/// The schema, in order: each version a list of statements, with `{table}`, `{name}` and
+/// `{locks}` replaced by the validated names; `now` (microseconds) is the migration's time.
+///
+/// Version 2 rebuilds the table as `STRICT` with range `CHECK`s, so that the database refuses
+/// a value of the wrong type or out of range instead of keeping it for a claim to trip over.
+/// SQLite cannot add constraints to a table, so the rebuild copies it, inside the migration's
+/// one transaction: rows that break the new rules are first made dead with their reason
+/// ([`repair_sql`]), and no row is lost.
+fn migrations(now: i64) -> Vec<Vec<String>> {
+    let v1 = [
+        "CREATE TABLE IF NOT EXISTS {table} (
+            id BLOB PRIMARY KEY,
+            name TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            priority INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('scheduled', 'ready', 'running', 'retrying', 'succeeded', 'dead')),
+            attempt INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL,
+            timeout_ms INTEGER,
+            enqueued_at INTEGER NOT NULL,
+            run_at INTEGER NOT NULL,
+            last_error TEXT,
+            lease_token INTEGER,
+            lease_until INTEGER,
+            finished_at INTEGER
+        )",
+    ]
+    .iter()
+    .chain(INDEXES)
+    .chain(&["CREATE TABLE IF NOT EXISTS {locks} (
+            name TEXT PRIMARY KEY,
+            owner INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL
+        )"])
+    .map(|s| (*s).to_owned())
+    .collect();
+    let mut v2 = vec![
+        repair_sql(Flavor::Sqlite, &now.to_string()),
+        "DROP TABLE IF EXISTS {name}_strict".to_owned(),
+        format!(
+            "CREATE TABLE {{name}}_strict (
+                id BLOB PRIMARY KEY,
+                name TEXT NOT NULL,
+                queue TEXT NOT NULL,
+                payload BLOB NOT NULL,
+                priority INTEGER NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ({states})),
+                attempt INTEGER NOT NULL DEFAULT 0,
+                max_attempts INTEGER NOT NULL,
+                timeout_ms INTEGER,
+                enqueued_at INTEGER NOT NULL,
+                run_at INTEGER NOT NULL,
+                last_error TEXT,
+                lease_token INTEGER,
+                lease_until INTEGER,
+                finished_at INTEGER,
+                CHECK ({ranges})
+            ) STRICT",
+            states = state_list(),
+            ranges = ranges_check(),
+        ),
+        // Values of another storage class than the column's become it (a text id or payload its
+        // bytes, a blob name its text); numbers and times are integers after the repair.
+        "INSERT INTO {name}_strict (rowid, id, name, queue, payload, priority, state, attempt, max_attempts,
+                timeout_ms, enqueued_at, run_at, last_error, lease_token, lease_until, finished_at)
+            SELECT rowid, CAST(id AS BLOB), CAST(name AS TEXT), CAST(queue AS TEXT), CAST(payload AS BLOB),
+                priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at,
+                CAST(last_error AS TEXT), lease_token, lease_until, finished_at
+            FROM {table}"
+            .to_owned(),
+        "DROP TABLE {table}".to_owned(),
+        "ALTER TABLE {name}_strict RENAME TO {name}".to_owned(),
+    ];
+    v2.extend(INDEXES.iter().map(|s| (*s).to_owned()));
+    vec![v1, v2]
+}
 
 /// The most rows in one multi-row `INSERT` (10 parameters each, well under SQLite's limit).
 const INSERT_CHUNK: usize = 500;
-
-const COLUMNS: &str = "id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at, last_error, lease_until, finished_at";
 
 struct Sql {
     finish: Arc<str>,
@@ -120,9 +177,9 @@ impl Sql {
             )),
             prune_succeeded: prune("succeeded"),
             prune_dead: prune("dead"),
-            get: s(format!("SELECT {COLUMNS} FROM {t} WHERE id = ?1")),
+            get: s(format!("SELECT {COLUMNS}, rowid FROM {t} WHERE id = ?1")),
             list: s(format!(
-                "SELECT {COLUMNS} FROM {t}
+                "SELECT {COLUMNS}, rowid FROM {t}
                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR queue = ?2) AND (?3 IS NULL OR name = ?3)
                 ORDER BY id LIMIT ?4 OFFSET ?5"
             )),
@@ -165,35 +222,41 @@ fn now_us() -> i64 {
     Utc::now().timestamp_micros()
 }
 
-fn time(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MIN_UTC)
-}
-
-fn raw(row: &SqliteRow) -> std::result::Result<RawJob, sqlx::Error> {
-    let id: Vec<u8> = row.try_get("id")?;
-    let id = uuid::Uuid::from_slice(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-    Ok(RawJob {
-        id,
-        name: row.try_get("name")?,
-        queue: row.try_get("queue")?,
-        payload: row.try_get("payload")?,
-        priority: row.try_get("priority")?,
-        state: row.try_get("state")?,
-        attempt: row.try_get("attempt")?,
-        max_attempts: row.try_get("max_attempts")?,
-        timeout_ms: row.try_get("timeout_ms")?,
-        enqueued_at: time(row.try_get("enqueued_at")?),
-        run_at: time(row.try_get("run_at")?),
-        last_error: row.try_get("last_error")?,
-        lease_until: row.try_get::<Option<i64>, _>("lease_until")?.map(time),
-        finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(time),
+fn time_of(column: &'static str, us: i64) -> std::result::Result<DateTime<Utc>, BadColumn> {
+    DateTime::from_timestamp_micros(us).ok_or_else(|| BadColumn {
+        column,
+        problem: format!("{us} µs since 1970 is outside the dates this crate can represent"),
     })
 }
 
-fn job(row: &SqliteRow) -> Result<Job> {
-    raw(row)
-        .map_err(map_err(NAME, "decode a job"))?
-        .into_job(NAME)
+impl JobRow for SqliteRow {
+    fn job_id(&self) -> std::result::Result<uuid::Uuid, BadColumn> {
+        let id: Vec<u8> = column(self, "id")?;
+        uuid::Uuid::from_slice(&id).map_err(|e| BadColumn {
+            column: "id",
+            problem: format!("{} bytes are no UUID ({e})", id.len()),
+        })
+    }
+
+    fn time(&self, name: &'static str) -> std::result::Result<Option<DateTime<Utc>>, BadColumn> {
+        column::<_, Option<i64>>(self, name)?
+            .map(|us| time_of(name, us))
+            .transpose()
+    }
+}
+
+/// A row's key for messages when its id does not read.
+fn rowid_of(row: &SqliteRow) -> String {
+    row.try_get::<i64, _>("rowid").map_or_else(
+        |_| "with an unreadable id".to_owned(),
+        |r| format!("at rowid {r}"),
+    )
+}
+
+/// How a row to mark is found.
+enum KeyValue {
+    Id(Vec<u8>),
+    RowId(i64),
 }
 
 /// The SQLite backend behind [`SqlBackend`](crate::SqlBackend).
@@ -286,7 +349,7 @@ impl SqliteBackend {
             .map_err(map_err(NAME, op))
     }
 
-    pub(crate) async fn migrate(&self) -> Result<()> {
+    pub(crate) async fn migrate(&self, target: usize) -> Result<()> {
         let err = map_err(NAME, "migrate");
         let mut tx = self.begin("migrate").await?;
         sqlx::query(
@@ -306,15 +369,17 @@ impl SqliteBackend {
                 .await
                 .map_err(&err)?;
         let current = usize::try_from(current.unwrap_or(0)).unwrap_or(0);
-        if current > MIGRATIONS.len() {
+        let steps = migrations(now_us());
+        if current > steps.len() {
             return Err(Error::Config(format!(
                 "table {} is at schema version {current}, newer than this backline-sql ({})",
                 self.table,
-                MIGRATIONS.len()
+                steps.len()
             )));
         }
-        for step in &MIGRATIONS[current..] {
-            for stmt in *step {
+        let target = target.min(steps.len());
+        for step in steps.iter().take(target).skip(current) {
+            for stmt in step {
                 let sql = stmt
                     .replace("{table}", &self.table.qualified())
                     .replace("{name}", self.table.name())
@@ -325,13 +390,13 @@ impl SqliteBackend {
                     .map_err(&err)?;
             }
         }
-        if current < MIGRATIONS.len() {
+        if current < target {
             sqlx::query(
                 "INSERT INTO backline_migrations (table_name, version, applied_at) VALUES (?1, ?2, ?3)
                 ON CONFLICT (table_name) DO UPDATE SET version = excluded.version, applied_at = excluded.applied_at",
             )
             .bind(self.table.qualified())
-            .bind(i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX))
+            .bind(i64::try_from(target).unwrap_or(i64::MAX))
             .bind(now_us())
             .execute(&mut *tx)
             .await
@@ -406,7 +471,7 @@ impl SqliteBackend {
                 WHERE state = 'ready' AND queue = ?3 AND name IN ({list})
                 ORDER BY priority DESC, run_at, id
                 LIMIT ?4)
-            RETURNING {COLUMNS}"
+            RETURNING {COLUMNS}, rowid"
         )
     }
 
@@ -442,8 +507,8 @@ impl SqliteBackend {
 
 #[async_trait]
 impl crate::DriverOps for SqliteBackend {
-    async fn migrate(&self) -> Result<()> {
-        SqliteBackend::migrate(self).await
+    async fn migrate(&self, target: usize) -> Result<()> {
+        SqliteBackend::migrate(self, target).await
     }
 
     async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
@@ -501,11 +566,52 @@ impl Backend for SqliteBackend {
             .fetch_all(&mut *tx)
             .await
             .map_err(map_err(NAME, "claim"))?;
+        let (jobs, bad) = decode_all(&rows);
+        // A row that cannot be read costs only itself: dead in the same transaction, with
+        // its reason; the others run.
+        for (i, b) in &bad {
+            let (key, sql) = match b.id {
+                Some(id) => (
+                    KeyValue::Id(id.as_bytes().to_vec()),
+                    mark_dead_sql(
+                        &self.table.qualified(),
+                        b,
+                        &now.to_string(),
+                        "id",
+                        ["?1", "?2", "?3"],
+                        true,
+                    ),
+                ),
+                None => (
+                    KeyValue::RowId(rows[*i].try_get("rowid").map_err(map_err(NAME, "claim"))?),
+                    mark_dead_sql(
+                        &self.table.qualified(),
+                        b,
+                        &now.to_string(),
+                        "rowid",
+                        ["?1", "?2", "?3"],
+                        true,
+                    ),
+                ),
+            };
+            let query = sqlx::query(AssertSqlSafe(sql)).bind(b.reason());
+            let query = match key {
+                KeyValue::Id(id) => query.bind(id),
+                KeyValue::RowId(r) => query.bind(r),
+            };
+            query
+                .bind(token_to_db(token))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err(NAME, "mark an unreadable job dead"))?;
+            let e = b.error(NAME, || rowid_of(&rows[*i]));
+            tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read; it is dead");
+        }
         tx.commit().await.map_err(map_err(NAME, "claim"))?;
-        let mut out = rows
-            .iter()
-            .map(|r| job(r).map(|job| ClaimedJob { job, token }))
-            .collect::<Result<Vec<_>>>()?;
+        let mut out: Vec<ClaimedJob> = jobs
+            .into_iter()
+            .map(|job| ClaimedJob { job, token })
+            .collect();
         sort_claimed(&mut out);
         Ok(out)
     }
@@ -715,7 +821,9 @@ impl Backend for SqliteBackend {
             .fetch_optional(&self.reader)
             .await
             .map_err(map_err(NAME, "get a job"))?;
-        row.as_ref().map(job).transpose()
+        row.as_ref()
+            .map(|r| decode_job(r).map_err(|b| b.error(NAME, || rowid_of(r))))
+            .transpose()
     }
 
     async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
@@ -729,7 +837,9 @@ impl Backend for SqliteBackend {
             .fetch_all(&self.reader)
             .await
             .map_err(map_err(NAME, "list jobs"))?;
-        rows.iter().map(job).collect()
+        let (jobs, bad) = decode_all(&rows);
+        warn_skipped(NAME, &bad, |i| rowid_of(&rows[i]));
+        Ok(jobs)
     }
 
     async fn counts(&self, queue: Option<&str>) -> Result<Counts> {

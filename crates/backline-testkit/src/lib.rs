@@ -51,6 +51,26 @@ pub trait Harness: Send + Sync + 'static {
     async fn twin(&self, backend: &Arc<dyn Backend>) -> Arc<dyn Backend> {
         backend.clone()
     }
+
+    /// Writes straight into the storage of the last backend this harness returned, past
+    /// Backline, as a hand-written row, a migration script or another language's client would:
+    /// `statement` is in the store's own language (SQL for the SQL providers, where `{table}`
+    /// stands for the jobs table). Tests of bad input use it to put rows Backline would never
+    /// write beside healthy jobs.
+    ///
+    /// The default returns [`Error::Unsupported`](backline_core::Error::Unsupported): a
+    /// provider whose tests write raw rows implements it.
+    async fn write_raw(
+        &self,
+        backend: &Arc<dyn Backend>,
+        statement: &str,
+    ) -> backline_core::Result<()> {
+        let _ = statement;
+        Err(backline_core::Error::Unsupported {
+            backend: backend.name(),
+            what: "raw writes from the test harness",
+        })
+    }
 }
 
 /// Whether a missing server must fail the tests (`BACKLINE_REQUIRE_SERVICES=1`).

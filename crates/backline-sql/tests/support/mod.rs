@@ -147,7 +147,13 @@ impl Db {
                 .with_max_connections(5),
         )
         .await
-        .unwrap_or_else(|e| panic!("connect to {}: {e}", self.label()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "connect to {}: {}",
+                self.label(),
+                backline_core::ErrorChain(&e)
+            )
+        })
     }
 
     /// The conformance harness, if the server answers.
