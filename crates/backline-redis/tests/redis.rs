@@ -350,3 +350,84 @@ async fn a_push_from_another_handle_and_a_due_delayed_job_wake_an_idle_server() 
     running.shutdown().await.expect("shutdown");
     assert_eq!((events[0].id, events[1].id), (first, delayed));
 }
+
+/// Hashes Backline would never write (a field rewritten by hand or by another client) cost
+/// only themselves: every healthy job beside them runs in its first attempt, claims and
+/// maintenance go on, inspection pages load.
+#[tokio::test]
+async fn malformed_hashes_cost_only_themselves() {
+    if !reachable().await {
+        return;
+    }
+    let prefix = fresh_prefix();
+    let b = connect(&prefix).await;
+    let manager = JobManager::new(b.clone());
+    let client = redis::Client::open(url()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut healthy = Vec::new();
+    for i in 0..14 {
+        healthy.push(
+            manager
+                .enqueue(Task::ok(format!("healthy {i}")))
+                .await
+                .expect("enqueue"),
+        );
+    }
+    // Claimed first (High priority), then spoiled one field each.
+    let spoiled = [
+        ("pri", "high"),
+        ("att", "x"),
+        ("max", "many"),
+        ("tmo", "soon"),
+        ("enq", "yesterday"),
+        ("payload", ""),
+    ];
+    for (field, value) in spoiled {
+        let id = manager
+            .enqueue_with(
+                Task::ok(format!("bad {field}")),
+                backline_core::EnqueueOptions::new().priority(backline_core::Priority::High),
+            )
+            .await
+            .expect("enqueue");
+        let key = format!("{{{prefix}:default}}:j:{id}");
+        let _: () = redis::cmd("HSET")
+            .arg(&key)
+            .arg(field)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .expect("spoil a field");
+    }
+    let rec = backline_testkit::Recorder::new();
+    let server = backline_core::JobServer::builder(b.clone())
+        .register(backline_testkit::TaskHandler::<Task>::new(rec.clone()))
+        .config(backline_testkit::fast_config())
+        .queue("default", 4)
+        .build()
+        .expect("server");
+    let handle = server.start();
+    for id in &healthy {
+        let job = backline_testkit::eventually("the healthy jobs succeed", || async {
+            b.get(*id)
+                .await
+                .ok()
+                .flatten()
+                .filter(|j| j.state == JobState::Succeeded)
+        })
+        .await;
+        assert_eq!(job.attempt, 1, "healthy job {id} ran in its first attempt");
+    }
+    handle.shutdown().await.expect("shutdown");
+    b.list(&backline_core::JobFilter {
+        limit: 1000,
+        ..Default::default()
+    })
+    .await
+    .expect("list loads beside malformed hashes");
+    manager.counts(None).await.expect("counts");
+    delete_keys(&prefix).await;
+}

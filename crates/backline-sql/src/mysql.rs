@@ -390,76 +390,14 @@ impl Backend for MySqlBackend {
     }
 
     async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {
-        if req.limit == 0 || req.names.is_empty() {
-            return Ok(Vec::new());
-        }
-        let err = map_err(NAME, "claim");
-        let token = LeaseToken::random();
-        let mut tx = self.tx("claim").await?;
-        let mut query = sqlx::query(AssertSqlSafe(self.claim_select(req.names.len())))
-            .bind(req.queue.to_owned());
-        for n in req.names {
-            query = query.bind(n.clone());
-        }
-        let rows = query
-            .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(&err)?;
-        if rows.is_empty() {
-            tx.commit().await.map_err(&err)?;
-            return Ok(Vec::new());
-        }
-        let db_now: DateTime<Utc> = rows[0].try_get("db_now").map_err(&err)?;
-        let lease_until = add(db_now, req.lease);
-        let (jobs, bad) = decode_all(&rows);
-        // A row that cannot be read costs only itself: made dead in the same transaction (its
-        // row is locked by the select), with its reason; the others run.
-        for (_, b) in &bad {
-            let e = b.error(NAME, unreadable_id);
-            let Some(id) = b.id else {
-                tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read");
-                continue;
-            };
-            let sql = mark_dead_sql(&self.t, b, "UTC_TIMESTAMP(6)", "id", ["?", "?", "?"], false);
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(b.reason())
-                .bind(id.as_bytes().to_vec())
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err(NAME, "mark an unreadable job dead"))?;
-            tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read; it is dead");
-        }
-        if jobs.is_empty() {
-            tx.commit().await.map_err(&err)?;
-            return Ok(Vec::new());
-        }
-        let sql = format!(
-            "UPDATE {} SET state = 'running', attempt = attempt + 1, lease_token = ?, lease_until = ?
-            WHERE id IN ({})",
-            self.t,
-            placeholders(slots(jobs.len()))
-        );
-        let mut update = sqlx::query(AssertSqlSafe(sql))
-            .bind(token_to_db(token))
-            .bind(lease_until);
-        let mut out = Vec::with_capacity(jobs.len());
-        for mut j in jobs {
-            update = update.bind(j.id.as_bytes().to_vec());
-            j.state = JobState::Running;
-            j.attempt += 1;
-            j.lease_until = Some(lease_until);
-            out.push(ClaimedJob { job: j, token });
-        }
-        if let Some(last) = out.last() {
-            for _ in out.len()..slots(out.len()) {
-                update = update.bind(last.job.id.as_bytes().to_vec());
+        // A batch of rows that were all unreadable (now dead) is no sign of an empty queue:
+        // claim again. Each round makes at least one row dead, so this ends.
+        loop {
+            let (out, unreadable) = self.claim_once(req).await?;
+            if !out.is_empty() || unreadable == 0 {
+                return Ok(out);
             }
         }
-        update.execute(&mut *tx).await.map_err(&err)?;
-        tx.commit().await.map_err(&err)?;
-        sort_claimed(&mut out);
-        Ok(out)
     }
 
     async fn finish(&self, batch: &[Finish]) -> Result<Vec<bool>> {
@@ -908,5 +846,81 @@ impl Backend for MySqlBackend {
         .await
         .map_err(map_err(NAME, "release a lock"))?;
         Ok(r.rows_affected() > 0)
+    }
+}
+
+impl MySqlBackend {
+    /// One claim: the jobs that read, and how many rows did not (made dead).
+    async fn claim_once(&self, req: ClaimRequest<'_>) -> Result<(Vec<ClaimedJob>, usize)> {
+        if req.limit == 0 || req.names.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let err = map_err(NAME, "claim");
+        let token = LeaseToken::random();
+        let mut tx = self.tx("claim").await?;
+        let mut query = sqlx::query(AssertSqlSafe(self.claim_select(req.names.len())))
+            .bind(req.queue.to_owned());
+        for n in req.names {
+            query = query.bind(n.clone());
+        }
+        let rows = query
+            .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(&err)?;
+        if rows.is_empty() {
+            tx.commit().await.map_err(&err)?;
+            return Ok((Vec::new(), 0));
+        }
+        let db_now: DateTime<Utc> = rows[0].try_get("db_now").map_err(&err)?;
+        let lease_until = add(db_now, req.lease);
+        let (jobs, bad) = decode_all(&rows);
+        // A row that cannot be read costs only itself: made dead in the same transaction (its
+        // row is locked by the select), with its reason; the others run.
+        for (_, b) in &bad {
+            let e = b.error(NAME, unreadable_id);
+            let Some(id) = b.id else {
+                tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read");
+                continue;
+            };
+            let sql = mark_dead_sql(&self.t, b, "UTC_TIMESTAMP(6)", "id", ["?", "?", "?"], false);
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(b.reason())
+                .bind(id.as_bytes().to_vec())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err(NAME, "mark an unreadable job dead"))?;
+            tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read; it is dead");
+        }
+        if jobs.is_empty() {
+            tx.commit().await.map_err(&err)?;
+            return Ok((Vec::new(), bad.len()));
+        }
+        let sql = format!(
+            "UPDATE {} SET state = 'running', attempt = attempt + 1, lease_token = ?, lease_until = ?
+            WHERE id IN ({})",
+            self.t,
+            placeholders(slots(jobs.len()))
+        );
+        let mut update = sqlx::query(AssertSqlSafe(sql))
+            .bind(token_to_db(token))
+            .bind(lease_until);
+        let mut out = Vec::with_capacity(jobs.len());
+        for mut j in jobs {
+            update = update.bind(j.id.as_bytes().to_vec());
+            j.state = JobState::Running;
+            j.attempt += 1;
+            j.lease_until = Some(lease_until);
+            out.push(ClaimedJob { job: j, token });
+        }
+        if let Some(last) = out.last() {
+            for _ in out.len()..slots(out.len()) {
+                update = update.bind(last.job.id.as_bytes().to_vec());
+            }
+        }
+        update.execute(&mut *tx).await.map_err(&err)?;
+        tx.commit().await.map_err(&err)?;
+        sort_claimed(&mut out);
+        Ok((out, bad.len()))
     }
 }

@@ -779,52 +779,14 @@ impl Backend for PgBackend {
     }
 
     async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {
-        if req.limit == 0 || req.names.is_empty() {
-            return Ok(Vec::new());
+        // A batch of rows that were all unreadable (now dead) is no sign of an empty queue:
+        // claim again. Each round makes at least one row dead, so this ends.
+        loop {
+            let (out, unreadable) = self.claim_once(req).await?;
+            if !out.is_empty() || unreadable == 0 {
+                return Ok(out);
+            }
         }
-        let token = LeaseToken::random();
-        let rows = q(&self.sql.claim)
-            .bind(req.queue)
-            .bind(req.names)
-            .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
-            .bind(token_to_db(token))
-            .bind(micros(req.lease))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err(NAME, "claim"))?;
-        let (jobs, bad) = decode_all(&rows);
-        // A row that cannot be read costs only itself: made dead right away (under the claim's
-        // token), with its reason; the others run.
-        for (_, b) in &bad {
-            let e = b.error(NAME, || "with an unreadable id".to_owned());
-            let Some(id) = b.id else {
-                // A uuid column always reads; left to its lease if it ever does not.
-                tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read");
-                continue;
-            };
-            let sql = mark_dead_sql(
-                &self.table.qualified(),
-                b,
-                "now()",
-                "id",
-                ["$1", "$2", "$3"],
-                true,
-            );
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(b.reason())
-                .bind(id)
-                .bind(token_to_db(token))
-                .execute(&self.pool)
-                .await
-                .map_err(map_err(NAME, "mark an unreadable job dead"))?;
-            tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read; it is dead");
-        }
-        let mut out: Vec<ClaimedJob> = jobs
-            .into_iter()
-            .map(|job| ClaimedJob { job, token })
-            .collect();
-        sort_claimed(&mut out);
-        Ok(out)
     }
 
     async fn finish(&self, batch: &[Finish]) -> Result<Vec<bool>> {
@@ -1085,5 +1047,57 @@ impl Backend for PgBackend {
             .await
             .map_err(map_err(NAME, "release a lock"))?;
         Ok(r.rows_affected() > 0)
+    }
+}
+
+impl PgBackend {
+    /// One claim: the jobs that read, and how many rows did not (made dead).
+    async fn claim_once(&self, req: ClaimRequest<'_>) -> Result<(Vec<ClaimedJob>, usize)> {
+        if req.limit == 0 || req.names.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let token = LeaseToken::random();
+        let rows = q(&self.sql.claim)
+            .bind(req.queue)
+            .bind(req.names)
+            .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
+            .bind(token_to_db(token))
+            .bind(micros(req.lease))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "claim"))?;
+        let (jobs, bad) = decode_all(&rows);
+        // A row that cannot be read costs only itself: made dead right away (under the claim's
+        // token), with its reason; the others run.
+        for (_, b) in &bad {
+            let e = b.error(NAME, || "with an unreadable id".to_owned());
+            let Some(id) = b.id else {
+                // A uuid column always reads; left to its lease if it ever does not.
+                tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read");
+                continue;
+            };
+            let sql = mark_dead_sql(
+                &self.table.qualified(),
+                b,
+                "now()",
+                "id",
+                ["$1", "$2", "$3"],
+                true,
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(b.reason())
+                .bind(id)
+                .bind(token_to_db(token))
+                .execute(&self.pool)
+                .await
+                .map_err(map_err(NAME, "mark an unreadable job dead"))?;
+            tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read; it is dead");
+        }
+        let mut out: Vec<ClaimedJob> = jobs
+            .into_iter()
+            .map(|job| ClaimedJob { job, token })
+            .collect();
+        sort_claimed(&mut out);
+        Ok((out, bad.len()))
     }
 }

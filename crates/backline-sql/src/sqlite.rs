@@ -547,73 +547,14 @@ impl Backend for SqliteBackend {
     }
 
     async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {
-        if req.limit == 0 || req.names.is_empty() {
-            return Ok(Vec::new());
+        // A batch of rows that were all unreadable (now dead) is no sign of an empty queue:
+        // claim again. Each round makes at least one row dead, so this ends.
+        loop {
+            let (out, unreadable) = self.claim_once(req).await?;
+            if !out.is_empty() || unreadable == 0 {
+                return Ok(out);
+            }
         }
-        let token = LeaseToken::random();
-        let now = now_us();
-        let sql = self.claim_sql(req.names.len());
-        let mut query = sqlx::query(AssertSqlSafe(sql))
-            .bind(token_to_db(token))
-            .bind(now.saturating_add(micros(req.lease)))
-            .bind(req.queue.to_owned())
-            .bind(i64::try_from(req.limit).unwrap_or(i64::MAX));
-        for n in req.names {
-            query = query.bind(n.clone());
-        }
-        let mut tx = self.begin("claim").await?;
-        let rows = query
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err(NAME, "claim"))?;
-        let (jobs, bad) = decode_all(&rows);
-        // A row that cannot be read costs only itself: dead in the same transaction, with
-        // its reason; the others run.
-        for (i, b) in &bad {
-            let (key, sql) = match b.id {
-                Some(id) => (
-                    KeyValue::Id(id.as_bytes().to_vec()),
-                    mark_dead_sql(
-                        &self.table.qualified(),
-                        b,
-                        &now.to_string(),
-                        "id",
-                        ["?1", "?2", "?3"],
-                        true,
-                    ),
-                ),
-                None => (
-                    KeyValue::RowId(rows[*i].try_get("rowid").map_err(map_err(NAME, "claim"))?),
-                    mark_dead_sql(
-                        &self.table.qualified(),
-                        b,
-                        &now.to_string(),
-                        "rowid",
-                        ["?1", "?2", "?3"],
-                        true,
-                    ),
-                ),
-            };
-            let query = sqlx::query(AssertSqlSafe(sql)).bind(b.reason());
-            let query = match key {
-                KeyValue::Id(id) => query.bind(id),
-                KeyValue::RowId(r) => query.bind(r),
-            };
-            query
-                .bind(token_to_db(token))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err(NAME, "mark an unreadable job dead"))?;
-            let e = b.error(NAME, || rowid_of(&rows[*i]));
-            tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read; it is dead");
-        }
-        tx.commit().await.map_err(map_err(NAME, "claim"))?;
-        let mut out: Vec<ClaimedJob> = jobs
-            .into_iter()
-            .map(|job| ClaimedJob { job, token })
-            .collect();
-        sort_claimed(&mut out);
-        Ok(out)
     }
 
     async fn finish(&self, batch: &[Finish]) -> Result<Vec<bool>> {
@@ -955,5 +896,78 @@ impl Backend for SqliteBackend {
             .map_err(map_err(NAME, "release a lock"))?;
         tx.commit().await.map_err(map_err(NAME, "release a lock"))?;
         Ok(r.rows_affected() > 0)
+    }
+}
+
+impl SqliteBackend {
+    /// One claim: the jobs that read, and how many rows did not (made dead).
+    async fn claim_once(&self, req: ClaimRequest<'_>) -> Result<(Vec<ClaimedJob>, usize)> {
+        if req.limit == 0 || req.names.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let token = LeaseToken::random();
+        let now = now_us();
+        let sql = self.claim_sql(req.names.len());
+        let mut query = sqlx::query(AssertSqlSafe(sql))
+            .bind(token_to_db(token))
+            .bind(now.saturating_add(micros(req.lease)))
+            .bind(req.queue.to_owned())
+            .bind(i64::try_from(req.limit).unwrap_or(i64::MAX));
+        for n in req.names {
+            query = query.bind(n.clone());
+        }
+        let mut tx = self.begin("claim").await?;
+        let rows = query
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err(NAME, "claim"))?;
+        let (jobs, bad) = decode_all(&rows);
+        // A row that cannot be read costs only itself: dead in the same transaction, with
+        // its reason; the others run.
+        for (i, b) in &bad {
+            let (key, sql) = match b.id {
+                Some(id) => (
+                    KeyValue::Id(id.as_bytes().to_vec()),
+                    mark_dead_sql(
+                        &self.table.qualified(),
+                        b,
+                        &now.to_string(),
+                        "id",
+                        ["?1", "?2", "?3"],
+                        true,
+                    ),
+                ),
+                None => (
+                    KeyValue::RowId(rows[*i].try_get("rowid").map_err(map_err(NAME, "claim"))?),
+                    mark_dead_sql(
+                        &self.table.qualified(),
+                        b,
+                        &now.to_string(),
+                        "rowid",
+                        ["?1", "?2", "?3"],
+                        true,
+                    ),
+                ),
+            };
+            let query = sqlx::query(AssertSqlSafe(sql)).bind(b.reason());
+            let query = match key {
+                KeyValue::Id(id) => query.bind(id),
+                KeyValue::RowId(r) => query.bind(r),
+            };
+            query
+                .bind(token_to_db(token))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err(NAME, "mark an unreadable job dead"))?;
+            let e = b.error(NAME, || rowid_of(&rows[*i]));
+            tracing::error!(error = %ErrorChain(&e), "a claimed job cannot be read; it is dead");
+        }
+        tx.commit().await.map_err(map_err(NAME, "claim"))?;
+        let mut out: Vec<ClaimedJob> = jobs
+            .into_iter()
+            .map(|job| ClaimedJob { job, token })
+            .collect();
+        sort_claimed(&mut out);
+        Ok((out, bad.len()))
     }
 }

@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::corrupt::{self, Dialect};
+
 use backline_core::Error;
 use backline_sql::{SqlBackend, SqlConfig};
 use support::{fresh_table, Db};
@@ -94,4 +96,36 @@ async fn a_connection_error_names_the_operation_and_hides_the_password() {
         }
         other => panic!("expected a connection error, got {other:?}"),
     }
+}
+
+/// Rows of a table of schema version 1 that no claim can read cost only themselves.
+#[tokio::test]
+async fn bad_rows_in_an_old_table_cost_only_themselves() {
+    if !Db::Mysql.reachable().await {
+        return;
+    }
+    let b = support::version_1(&Db::Mysql.url(), &support::fresh_table()).await;
+    corrupt::bad_rows_cost_only_themselves(b, Dialect::Mysql, corrupt::spoiled(Dialect::Mysql))
+        .await;
+}
+
+/// The current schema refuses the rows that version 1 kept.
+#[tokio::test]
+async fn the_current_schema_refuses_bad_rows() {
+    if !Db::Mysql.reachable().await {
+        return;
+    }
+    let b = Db::Mysql.connect(&support::fresh_table()).await;
+    corrupt::the_schema_refuses_bad_rows(b, Dialect::Mysql, corrupt::spoiled(Dialect::Mysql)).await;
+}
+
+/// Upgrading a table of version 1 with bad rows loses none and makes each dead with its reason.
+#[tokio::test]
+async fn the_migration_repairs_bad_rows() {
+    if !Db::Mysql.reachable().await {
+        return;
+    }
+    let b = support::version_1(&Db::Mysql.url(), &support::fresh_table()).await;
+    corrupt::the_migration_repairs_bad_rows(b, Dialect::Mysql, corrupt::spoiled(Dialect::Mysql))
+        .await;
 }

@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::corrupt::{self, Dialect};
+
 use backline_core::{EnqueueOptions, Error, JobManager};
 use backline_sql::{SqlBackend, SqlConfig};
 use backline_testkit::Task;
@@ -160,4 +162,45 @@ async fn a_committed_transactional_enqueue_wakes_an_idle_server() {
     let events = rec.wait_for_attempts(2).await;
     running.shutdown().await.expect("shutdown");
     assert_eq!((events[0].id, events[1].id), (first, id));
+}
+
+/// Rows of a table of schema version 1 that no claim can read cost only themselves.
+#[tokio::test]
+async fn bad_rows_in_an_old_table_cost_only_themselves() {
+    if !Db::Postgres.reachable().await {
+        return;
+    }
+    let b = support::version_1(&Db::Postgres.url(), &support::fresh_table()).await;
+    corrupt::bad_rows_cost_only_themselves(
+        b,
+        Dialect::Postgres,
+        corrupt::spoiled(Dialect::Postgres),
+    )
+    .await;
+}
+
+/// The current schema refuses the rows that version 1 kept.
+#[tokio::test]
+async fn the_current_schema_refuses_bad_rows() {
+    if !Db::Postgres.reachable().await {
+        return;
+    }
+    let b = Db::Postgres.connect(&support::fresh_table()).await;
+    corrupt::the_schema_refuses_bad_rows(b, Dialect::Postgres, corrupt::spoiled(Dialect::Postgres))
+        .await;
+}
+
+/// Upgrading a table of version 1 with bad rows loses none and makes each dead with its reason.
+#[tokio::test]
+async fn the_migration_repairs_bad_rows() {
+    if !Db::Postgres.reachable().await {
+        return;
+    }
+    let b = support::version_1(&Db::Postgres.url(), &support::fresh_table()).await;
+    corrupt::the_migration_repairs_bad_rows(
+        b,
+        Dialect::Postgres,
+        corrupt::spoiled(Dialect::Postgres),
+    )
+    .await;
 }

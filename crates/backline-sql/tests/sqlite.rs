@@ -8,6 +8,10 @@ use backline_core::{Backend, EnqueueOptions, JobManager, JobServer};
 use backline_sql::{SqlBackend, SqlConfig};
 use backline_testkit::{Recorder, Task, TaskHandler};
 
+mod support;
+
+use support::corrupt::{self, Dialect};
+
 fn dir() -> PathBuf {
     static CLEANED: std::sync::Once = std::sync::Once::new();
     let dir = std::env::temp_dir().join("backline-sqlite-tests");
@@ -53,6 +57,20 @@ struct SqliteHarness {
 
 #[async_trait::async_trait]
 impl backline_testkit::Harness for SqliteHarness {
+    async fn write_raw(
+        &self,
+        _backend: &Arc<dyn Backend>,
+        statement: &str,
+    ) -> backline_core::Result<()> {
+        let url = self
+            .url
+            .lock()
+            .expect("harness lock")
+            .clone()
+            .expect("backend() before write_raw()");
+        corrupt::raw_exec(&connect(&url).await, statement).await
+    }
+
     async fn backend(&self) -> Arc<dyn Backend> {
         let url = fresh_url();
         let b = connect(&url).await;
@@ -174,4 +192,29 @@ async fn an_in_memory_database_works_and_says_it_is_not_durable() {
 async fn a_schema_prefix_is_refused_on_sqlite() {
     let r = SqlBackend::connect(SqlConfig::new(fresh_url()).with_table("app.jobs")).await;
     assert!(matches!(r, Err(backline_core::Error::Config(_))), "{r:?}");
+}
+
+/// Rows of a table of schema version 1 that no claim can read cost only themselves.
+#[tokio::test]
+async fn bad_rows_in_an_old_table_cost_only_themselves() {
+    let b = support::version_1(&fresh_url(), "backline_jobs").await;
+    corrupt::bad_rows_cost_only_themselves(b, Dialect::Sqlite, corrupt::spoiled(Dialect::Sqlite))
+        .await;
+}
+
+/// The current schema (`STRICT`, with `CHECK`s) refuses the rows that version 1 kept.
+#[tokio::test]
+async fn the_current_schema_refuses_bad_rows() {
+    let b = connect(&fresh_url()).await;
+    corrupt::the_schema_refuses_bad_rows(b, Dialect::Sqlite, corrupt::spoiled(Dialect::Sqlite))
+        .await;
+}
+
+/// Upgrading a table of version 1 with bad rows (a `STRICT` rebuild) loses none and makes each
+/// dead with its reason.
+#[tokio::test]
+async fn the_migration_repairs_bad_rows() {
+    let b = support::version_1(&fresh_url(), "backline_jobs").await;
+    corrupt::the_migration_repairs_bad_rows(b, Dialect::Sqlite, corrupt::spoiled(Dialect::Sqlite))
+        .await;
 }

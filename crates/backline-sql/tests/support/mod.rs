@@ -3,6 +3,8 @@
 //! harness. Each test binary compiles this module on its own and uses a part of it.
 #![allow(dead_code)]
 
+pub(crate) mod corrupt;
+
 use std::sync::{Arc, Mutex};
 
 use backline_core::Backend;
@@ -182,6 +184,20 @@ pub(crate) struct SqlHarness {
 
 #[async_trait::async_trait]
 impl backline_testkit::Harness for SqlHarness {
+    async fn write_raw(
+        &self,
+        _backend: &Arc<dyn Backend>,
+        statement: &str,
+    ) -> backline_core::Result<()> {
+        let table = self
+            .table
+            .lock()
+            .expect("harness lock")
+            .clone()
+            .expect("backend() before write_raw()");
+        corrupt::raw_exec(&self.db.connect(&table).await, statement).await
+    }
+
     async fn backend(&self) -> Arc<dyn Backend> {
         let table = fresh_table();
         let b = self.db.connect(&table).await;
@@ -254,4 +270,19 @@ pub(crate) async fn fill_and_analyze(b: &SqlBackend, analyze: &str) {
         (None, None) => Ok(()),
     };
     done.expect("analyze");
+}
+
+/// A backend on a fresh table of schema version 1 (as a deployment that has not upgraded yet
+/// has), for the tests of rows that break the later constraints.
+pub(crate) async fn version_1(url: &str, table: &str) -> SqlBackend {
+    let b = SqlBackend::connect(
+        SqlConfig::new(url)
+            .with_table(table)
+            .with_max_connections(5)
+            .with_migrate_on_connect(false),
+    )
+    .await
+    .expect("connect");
+    b.migrate_to(1).await.expect("migrate to version 1");
+    b
 }
