@@ -41,6 +41,31 @@ pub struct NewJob {
     pub timeout: Option<Duration>,
 }
 
+impl NewJob {
+    /// Checks a job before it is stored, whichever way it goes in ([`JobManager`](crate::JobManager)
+    /// or a provider's own transactional enqueue): a valid job name and queue
+    /// ([`validate_name`](crate::validate_name)), at least one attempt, and an encoded payload
+    /// of at most `max_payload` bytes.
+    pub fn validate(&self, max_payload: usize) -> crate::Result<()> {
+        crate::validate_name("job", &self.name)?;
+        crate::validate_name("queue", &self.queue)?;
+        if self.max_attempts == 0 {
+            return Err(crate::Error::InvalidJob(format!(
+                "job {} needs at least one attempt",
+                self.name
+            )));
+        }
+        if self.payload.len() > max_payload {
+            return Err(crate::Error::PayloadTooLarge {
+                name: self.name.clone(),
+                size: self.payload.len(),
+                limit: max_payload,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A stored job, as inspection and claims return it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {

@@ -6,6 +6,7 @@ mod error;
 mod job;
 mod lock;
 mod manager;
+pub mod provider;
 mod retry;
 mod server;
 mod worker;
