@@ -1530,19 +1530,14 @@ impl Backend for RabbitMqBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            dedup_by_id: false,
-            filter_by_name: true,
-            get_job: false,
-            list_jobs: false,
-            cancel: false,
-            transactional_enqueue: false,
-            locks: false,
-            durable: true,
-            lease_expiry: false,
-            run_at_order: false,
-            list_dead: true,
-        }
+        // A queue per job name, persistent messages, dead letters that can be browsed; no
+        // store to look jobs up in, no locks, the lease is the delivery, FIFO among due jobs.
+        // Quorum queues (3.10) have no priorities.
+        Capabilities::NONE
+            .with_filter_by_name(true)
+            .with_durable(true)
+            .with_list_dead(true)
+            .with_priorities(!matches!(self.inner.config.kind, QueueKind::Quorum { .. }))
     }
 
     async fn push(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>> {

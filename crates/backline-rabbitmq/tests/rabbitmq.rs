@@ -67,6 +67,8 @@ async fn connect(prefix: &str) -> RabbitMqBackend {
 /// A fresh prefix per backend; `twin` opens another connection on the same prefix. Dropping
 /// the harness deletes every queue its backends declared.
 struct RabbitHarness {
+    /// Quorum work queues instead of classic ones.
+    quorum: bool,
     prefixes: Mutex<Vec<String>>,
     backends: Mutex<Vec<RabbitMqBackend>>,
     twins: std::sync::atomic::AtomicBool,
@@ -136,6 +138,7 @@ async fn delete_queues(queues: Vec<String>) {
 
 async fn harness() -> Option<RabbitHarness> {
     reachable().await.then(|| RabbitHarness {
+        quorum: false,
         prefixes: Mutex::new(Vec::new()),
         backends: Mutex::new(Vec::new()),
         twins: std::sync::atomic::AtomicBool::new(false),
@@ -153,7 +156,18 @@ impl RabbitHarness {
     }
 
     async fn make(&self, prefix: &str) -> RabbitMqBackend {
-        let b = connect(prefix).await;
+        let b = if self.quorum {
+            RabbitMqBackend::connect(
+                RabbitMqConfig::new(url())
+                    .with_prefix(prefix)
+                    .with_connection_name(format!("{prefix}-quorum"))
+                    .with_queue_kind(QueueKind::Quorum { delivery_limit: 5 }),
+            )
+            .await
+            .expect("connect to RabbitMQ")
+        } else {
+            connect(prefix).await
+        };
         self.backends.lock().expect("harness lock").push(b.clone());
         b
     }
@@ -1253,4 +1267,16 @@ async fn counts_create_nothing_and_retention_reaches_other_handles_dead_letters(
         .expect("maintain");
     assert_eq!(report.pruned, 1);
     assert_eq!(operator.counts(None).await.expect("counts").dead, 0);
+}
+
+/// Quorum queues have no priorities (RabbitMQ 3.10): the backend says so, and the priority
+/// scenario of the suite asserts FIFO order for it instead.
+#[tokio::test]
+async fn quorum_queues_declare_no_priorities_and_run_fifo() {
+    let Some(mut h) = harness().await else { return };
+    h.quorum = true;
+    let b = backline_testkit::Harness::backend(&h).await;
+    assert!(!b.capabilities().priorities);
+    drop(b);
+    backline_testkit::scenarios::higher_priority_runs_first(&h).await;
 }
