@@ -11,7 +11,8 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 
 use crate::acks::Tags;
-use crate::{backend_err, conn_err, lock, Inner, BACKEND, MAX_QUEUE_NAME};
+use crate::topology::MAX_QUEUE_NAME;
+use crate::{backend_err, conn_err, lock, Inner, BACKEND};
 
 /// Opens a channel on `connection`.
 pub(crate) async fn open_channel(connection: &Connection) -> Result<Channel> {

@@ -4,10 +4,12 @@ mod acks;
 mod config;
 mod conn;
 mod message;
+mod topology;
+mod wake;
 
 use backline_core::ErrorChain;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -20,7 +22,7 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicQosOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Acker, BasicProperties, Channel, Confirmation};
@@ -32,19 +34,13 @@ pub use lapin;
 use acks::requeue;
 use conn::{open_channel, Conn, Probe};
 use message::Meta;
+use topology::{MAX_STEP, MIN_STEP};
+use wake::Signal;
 
 const BACKEND: &str = "rabbitmq";
 
-/// The smallest step of the wait-queue ladder: 2^4 ms = 16 ms.
-const MIN_STEP: u32 = 4;
-/// The largest step of the wait-queue ladder: 2^27 ms, about 37 hours.
-const MAX_STEP: u32 = 27;
 /// The most dead letters one `retry_dead` or `delete` looks at.
 const DEAD_SCAN_LIMIT: usize = 10_000;
-/// The longest a queue name may be (an AMQP short string).
-const MAX_QUEUE_NAME: usize = 255;
-/// The exchange wake-ups travel on: built into every broker, nothing to declare or delete.
-const WAKE_EXCHANGE: &str = "amq.direct";
 
 /// The RabbitMQ provider: one durable queue per (queue, job name), publisher confirms, manual
 /// acks, a TTL wait-queue ladder for delays and back-off, and a dead-letter queue per queue.
@@ -104,73 +100,6 @@ struct Held {
     payload: Vec<u8>,
 }
 
-#[derive(Default)]
-struct Signal {
-    seq: AtomicU64,
-    notify: tokio::sync::Notify,
-    /// Whether a wake-up sender task runs for this queue (see [`Inner::wake_others`]).
-    waking: AtomicBool,
-    /// Whether a job came due since the sender's last wake-up began.
-    wake_again: AtomicBool,
-}
-
-impl Signal {
-    fn bump(&self) {
-        self.seq.fetch_add(1, Ordering::SeqCst);
-        self.notify.notify_waiters();
-    }
-}
-
-/// Whether a queue's wake-up sender is active; dropping it (the sender stopped, or its task
-/// was dropped with its runtime) lets the next caller start a new one.
-struct Waking {
-    signal: Arc<Signal>,
-    /// Whether dropping this resets `waking` (not when another sender has taken over).
-    armed: bool,
-}
-
-impl Waking {
-    /// Ends this sender without resetting `waking`: another sender has taken over.
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Waking {
-    fn drop(&mut self) {
-        if self.armed {
-            self.signal.waking.store(false, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Publishes one wake-up for `queue` on `conn`'s admin channel; `false` if it could not.
-async fn send_wake(conn: &Conn, key: &str, queue: &str) -> bool {
-    let admin = match conn.admin().await {
-        Ok(admin) => admin,
-        Err(e) => {
-            tracing::debug!(queue = %queue, error = %ErrorChain(&e), "no channel for a wake-up");
-            return false;
-        }
-    };
-    let sent = admin
-        .basic_publish(
-            WAKE_EXCHANGE.into(),
-            key.into(),
-            BasicPublishOptions::default(),
-            b"",
-            BasicProperties::default(),
-        )
-        .await;
-    match sent {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::debug!(queue = %queue, error = %ErrorChain(&e), "wake-up publish failed");
-            false
-        }
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -180,17 +109,6 @@ fn conn_err(op: &'static str, e: impl std::error::Error + Send + Sync + 'static)
         backend: BACKEND,
         op,
         source: Box::new(e),
-    }
-}
-
-/// A refused declaration (the queue exists with other arguments, e.g. another queue kind) is
-/// a configuration problem, not a lost connection.
-fn declare_err(name: &str, e: lapin::Error) -> Error {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => Error::Config(format!(
-            "RabbitMQ refused to declare queue {name}: {amqp} (does it exist with other arguments, such as another queue kind?)"
-        )),
-        _ => conn_err("queue.declare", e),
     }
 }
 
@@ -223,13 +141,6 @@ fn later(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .ok()
         .and_then(|d| now.checked_add_signed(d))
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
-
-/// The step of the ladder a message waits in: the largest TTL not past `remaining`.
-fn step_for(remaining: Duration) -> u32 {
-    let ms = remaining.as_millis().max(1);
-    let log2 = 127 - ms.leading_zeros();
-    log2.clamp(MIN_STEP, MAX_STEP)
 }
 
 impl RabbitMqBackend {
@@ -340,335 +251,6 @@ impl Drop for Inner {
 }
 
 impl Inner {
-    fn prefixed(&self, queue: &str, rest: &str) -> String {
-        format!("{}.{queue}.{rest}", self.config.prefix)
-    }
-
-    fn work_name(&self, queue: &str, name: &str) -> String {
-        if self.config.naming == QueueNaming::Abp && queue == "default" {
-            format!("AbpBackgroundJobs.{name}")
-        } else {
-            self.prefixed(queue, name)
-        }
-    }
-
-    fn landing_name(&self, queue: &str) -> String {
-        self.prefixed(queue, "~landing")
-    }
-
-    fn dead_name(&self, queue: &str) -> String {
-        self.prefixed(queue, "~dead")
-    }
-
-    fn step_name(&self, queue: &str, step: u32) -> String {
-        self.prefixed(queue, &format!("~wait.{step:02}"))
-    }
-
-    /// The routing key of `queue`'s wake-ups on `amq.direct`.
-    fn wake_key(&self, queue: &str) -> String {
-        self.prefixed(queue, "~wake")
-    }
-
-    /// Tells every handle waiting on `queue` (in any process) that jobs may be due: a
-    /// transient message on `amq.direct`, unconfirmed (a lost one costs a poll interval).
-    ///
-    /// Wake-ups are coalesced, at most one per queue per `wake_linger` (default 1 ms,
-    /// [`RabbitMqConfig::with_wake_linger`]) from a handle: every publish is a message the
-    /// broker routes, and one per enqueued job halved the rate of enqueues one by one. The
-    /// first wake-up after a quiet spell is sent by its caller before it returns (a producer
-    /// that exits right after `enqueue` has sent it); a task then lingers, and the jobs that
-    /// came due meanwhile share one more wake-up when the linger ends, and so on until a linger
-    /// passes without any. A caller either sends (and starts the task) or marks `wake_again`
-    /// while a sender is active, which sends after the mark. Only a lost connection or channel
-    /// drops a wake-up (the sender stops; the next caller starts afresh).
-    async fn wake_others(&self, conn: &Conn, queue: &str) {
-        let key = self.wake_key(queue);
-        if key.len() > MAX_QUEUE_NAME {
-            return;
-        }
-        let signal = self.signal(queue);
-        signal.wake_again.store(true, Ordering::SeqCst);
-        if signal.waking.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let waking = Waking {
-            signal,
-            armed: true,
-        };
-        waking.signal.wake_again.store(false, Ordering::SeqCst);
-        if !send_wake(conn, &key, queue).await {
-            return;
-        }
-        let linger = self.config.wake_linger;
-        let me = self.me.clone();
-        let queue = queue.to_owned();
-        tokio::spawn(async move {
-            loop {
-                if linger.is_zero() {
-                    tokio::task::yield_now().await;
-                } else {
-                    tokio::time::sleep(linger).await;
-                }
-                let signal = &waking.signal;
-                if !signal.wake_again.load(Ordering::SeqCst) {
-                    signal.waking.store(false, Ordering::SeqCst);
-                    // A caller that marked `wake_again` after the check above but saw
-                    // `waking` still set has left its wake-up to this task: send it, unless
-                    // another caller has started a new sender in the meantime.
-                    if !signal.wake_again.load(Ordering::SeqCst)
-                        || signal.waking.swap(true, Ordering::SeqCst)
-                    {
-                        waking.disarm();
-                        return;
-                    }
-                }
-                signal.wake_again.store(false, Ordering::SeqCst);
-                // The current connection each time: the one the first wake-up went out on
-                // may have been replaced.
-                let Some(conn) = me.upgrade().and_then(|inner| inner.current()) else {
-                    return;
-                };
-                if !send_wake(&conn, &key, &queue).await {
-                    return;
-                }
-            }
-        });
-    }
-
-    /// Listens to `queue`'s wake-ups on this connection, once: an exclusive, auto-deleted
-    /// queue bound to `amq.direct`, consumed without acks; each message bumps the signal.
-    async fn ensure_waker(self: &Arc<Self>, conn: &Conn, queue: &str) -> Result<()> {
-        if lock(&self.wakers).get(queue) == Some(&conn.generation) {
-            return Ok(());
-        }
-        let key = self.wake_key(queue);
-        if key.len() > MAX_QUEUE_NAME {
-            return Ok(());
-        }
-        let (channel, listener) = conn
-            .waker
-            .get_or_try_init(|| self.start_waker(conn))
-            .await?;
-        channel
-            .queue_bind(
-                listener.as_str().into(),
-                WAKE_EXCHANGE.into(),
-                key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| conn_err("queue.bind", e))?;
-        lock(&self.wakers).insert(queue.to_owned(), conn.generation);
-        Ok(())
-    }
-
-    /// Opens this connection's wake-up listener: an exclusive, auto-deleted queue consumed
-    /// without acks; a message's routing key names the queue whose signal it bumps.
-    async fn start_waker(self: &Arc<Self>, conn: &Conn) -> Result<(Channel, String)> {
-        let channel = open_channel(&conn.connection).await?;
-        let q = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| conn_err("queue.declare", e))?;
-        let mut consumer = channel
-            .basic_consume(
-                q.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| conn_err("basic.consume", e))?;
-        let weak: Weak<Inner> = Arc::downgrade(self);
-        let head = format!("{}.", self.config.prefix);
-        tokio::spawn(async move {
-            while let Some(Ok(d)) = consumer.next().await {
-                let Some(inner) = weak.upgrade() else { break };
-                let key = d.routing_key.as_str();
-                if let Some(queue) = key
-                    .strip_prefix(head.as_str())
-                    .and_then(|k| k.strip_suffix(".~wake"))
-                {
-                    inner.signal(queue).bump();
-                }
-            }
-        });
-        Ok((channel, q.name().as_str().to_owned()))
-    }
-
-    fn signal(&self, queue: &str) -> Arc<Signal> {
-        lock(&self.signals)
-            .entry(queue.to_owned())
-            .or_default()
-            .clone()
-    }
-
-    fn remember(&self, queue: &str, name: &str) {
-        let mut known = lock(&self.known);
-        if !known.get(queue).is_some_and(|s| s.contains(name)) {
-            known
-                .entry(queue.to_owned())
-                .or_default()
-                .insert(name.to_owned());
-        }
-    }
-
-    fn known_queues(&self, queue: Option<&str>) -> Vec<(String, Vec<String>)> {
-        let known = lock(&self.known);
-        match queue {
-            Some(q) => vec![(
-                q.to_owned(),
-                known
-                    .get(q)
-                    .map(|s| s.iter().cloned().collect())
-                    .unwrap_or_default(),
-            )],
-            None => known
-                .iter()
-                .map(|(q, s)| (q.clone(), s.iter().cloned().collect()))
-                .collect(),
-        }
-    }
-
-    async fn declare(&self, conn: &Conn, name: &str, args: FieldTable) -> Result<u32> {
-        if name.len() > MAX_QUEUE_NAME {
-            return Err(Error::InvalidJob(format!(
-                "the RabbitMQ queue name {name:?} is longer than {MAX_QUEUE_NAME} bytes"
-            )));
-        }
-        let q = conn
-            .admin()
-            .await?
-            .queue_declare(
-                name.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                args,
-            )
-            .await
-            .map_err(|e| declare_err(name, e))?;
-        lock(&self.declared).insert(name.to_owned());
-        lock(&self.ever_declared).insert(name.to_owned());
-        Ok(q.message_count())
-    }
-
-    fn is_declared(&self, name: &str) -> bool {
-        lock(&self.declared).contains(name)
-    }
-
-    /// Whether `queue`'s work queues carry ABP's names (declared as ABP declares them).
-    fn abp_named(&self, queue: &str) -> bool {
-        self.config.naming == QueueNaming::Abp && queue == "default"
-    }
-
-    /// The arguments of `queue`'s work queues.
-    fn work_args(&self, queue: &str) -> FieldTable {
-        let mut t = FieldTable::default();
-        match self.config.kind {
-            // ABP declares its queues durable without arguments; any argument of ours would
-            // make one of the two declarations fail (PRECONDITION_FAILED). No priorities there.
-            QueueKind::Classic if self.abp_named(queue) => {}
-            QueueKind::Classic => {
-                t.insert("x-max-priority".into(), AMQPValue::LongInt(5));
-            }
-            QueueKind::Quorum { delivery_limit } => {
-                t.insert(
-                    "x-queue-type".into(),
-                    AMQPValue::LongString("quorum".into()),
-                );
-                t.insert(
-                    "x-delivery-limit".into(),
-                    AMQPValue::LongLongInt(i64::from(delivery_limit)),
-                );
-                // A message past the delivery limit goes to the dead letters, not away.
-                t.insert(
-                    "x-dead-letter-exchange".into(),
-                    AMQPValue::LongString("".into()),
-                );
-                t.insert(
-                    "x-dead-letter-routing-key".into(),
-                    AMQPValue::LongString(self.dead_name(queue).into()),
-                );
-            }
-        }
-        t
-    }
-
-    fn step_args(&self, queue: &str, step: u32) -> FieldTable {
-        let mut t = FieldTable::default();
-        t.insert("x-message-ttl".into(), AMQPValue::LongLongInt(1i64 << step));
-        t.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        t.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(self.landing_name(queue).into()),
-        );
-        t
-    }
-
-    /// Declares (once per connection) the work queue of (queue, name); returns its name.
-    async fn ensure_work(&self, conn: &Conn, queue: &str, name: &str) -> Result<String> {
-        let q = self.work_name(queue, name);
-        if !self.is_declared(&q) {
-            config::check_queue(queue).map_err(invalid_job)?;
-            config::check_job_name(name).map_err(invalid_job)?;
-            if matches!(self.config.kind, QueueKind::Quorum { .. }) {
-                // The target of the delivery limit's dead-lettering must exist first.
-                self.ensure_plain(conn, &self.dead_name(queue)).await?;
-            }
-            self.declare(conn, &q, self.work_args(queue)).await?;
-        }
-        self.remember(queue, name);
-        Ok(q)
-    }
-
-    async fn ensure_plain(&self, conn: &Conn, q: &str) -> Result<()> {
-        if !self.is_declared(q) {
-            self.declare(conn, q, FieldTable::default()).await?;
-        }
-        Ok(())
-    }
-
-    /// Declares the landing queue and one step of `queue`'s ladder; returns the step's name.
-    async fn ensure_step(&self, conn: &Conn, queue: &str, step: u32) -> Result<String> {
-        self.ensure_plain(conn, &self.landing_name(queue)).await?;
-        let q = self.step_name(queue, step);
-        if !self.is_declared(&q) {
-            self.declare(conn, &q, self.step_args(queue, step)).await?;
-        }
-        Ok(q)
-    }
-
-    /// Where a message due at `run_at` goes now: its work queue, or the wait step it fits.
-    async fn route(&self, conn: &Conn, meta: &Meta, now: DateTime<Utc>) -> Result<(String, bool)> {
-        let remaining = (meta.run_at - now).to_std().unwrap_or(Duration::ZERO);
-        if remaining.is_zero() {
-            Ok((self.ensure_work(conn, &meta.queue, &meta.name).await?, true))
-        } else {
-            Ok((
-                self.ensure_step(conn, &meta.queue, step_for(remaining))
-                    .await?,
-                false,
-            ))
-        }
-    }
-
     /// When a publish started now must have its confirm: the confirm timeout covers the send
     /// (which waits while the broker blocks publishers) and the confirm together.
     fn deadline(&self) -> tokio::time::Instant {
@@ -890,8 +472,7 @@ impl Inner {
                             break;
                         }
                         if due {
-                            inner.signal(&queue).bump();
-                            inner.wake_others(&conn, &queue).await;
+                            inner.notify_due(&conn, &queue).await;
                         }
                     }
                     Err(e) => {
@@ -1068,8 +649,7 @@ impl Inner {
             return Err(e);
         }
         if matches!(f.outcome, Outcome::Release) {
-            self.signal(&meta.queue).bump();
-            self.wake_others(conn, &meta.queue).await;
+            self.notify_due(conn, &meta.queue).await;
         }
         Ok(Some(h.tag))
     }
@@ -1231,8 +811,7 @@ impl Backend for RabbitMqBackend {
         };
         let ids = inner.within(Some(inner.deadline()), publishing).await??;
         for q in woken {
-            inner.signal(q).bump();
-            inner.wake_others(&conn, q).await;
+            inner.notify_due(&conn, q).await;
         }
         Ok(ids)
     }
@@ -1358,16 +937,7 @@ impl Backend for RabbitMqBackend {
                 tracing::debug!(queue = %queue, error = %ErrorChain(&e), "cannot listen to wake-ups; polling");
             }
         }
-        let signal = self.inner.signal(queue);
-        let notified = signal.notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let now = signal.seq.load(Ordering::SeqCst);
-        if now != seen {
-            return Ok(now);
-        }
-        let _ = tokio::time::timeout(timeout, notified).await;
-        Ok(signal.seq.load(Ordering::SeqCst))
+        Ok(self.inner.signal(queue).wait(seen, timeout).await)
     }
 
     async fn maintain(&self, m: &Maintenance) -> Result<MaintenanceReport> {
@@ -1412,8 +982,7 @@ impl Backend for RabbitMqBackend {
                             match moved {
                                 Ok(true) => {
                                     report.promoted += 1;
-                                    inner.signal(queue).bump();
-                                    inner.wake_others(&conn, queue).await;
+                                    inner.notify_due(&conn, queue).await;
                                 }
                                 Ok(false) => {}
                                 Err(e) => {
@@ -1531,8 +1100,7 @@ impl Backend for RabbitMqBackend {
             .publish_confirmed(&conn, &work, &meta, &payload)
             .await?;
         inner.find_dead(id).await?;
-        inner.signal(&meta.queue).bump();
-        inner.wake_others(&conn, &meta.queue).await;
+        inner.notify_due(&conn, &meta.queue).await;
         Ok(true)
     }
 
@@ -1621,18 +1189,5 @@ mod tests {
             later(now, Duration::from_secs(1)),
             now + chrono::Duration::seconds(1)
         );
-    }
-
-    #[test]
-    fn the_ladder_never_waits_past_the_due_time() {
-        assert_eq!(step_for(Duration::from_millis(1)), MIN_STEP);
-        assert_eq!(step_for(Duration::from_millis(16)), 4);
-        assert_eq!(step_for(Duration::from_millis(31)), 4);
-        assert_eq!(step_for(Duration::from_millis(32)), 5);
-        assert_eq!(step_for(Duration::from_millis(1500)), 10);
-        assert_eq!(step_for(Duration::from_secs(10 * 86_400)), MAX_STEP);
-        for ms in [16u64, 17, 100, 999, 1000, 65_000, 3_600_000] {
-            assert!(1u64 << step_for(Duration::from_millis(ms)) <= ms, "{ms}");
-        }
     }
 }
