@@ -4,6 +4,8 @@ mod acks;
 mod config;
 mod conn;
 mod message;
+mod publish;
+mod relay;
 mod topology;
 mod wake;
 
@@ -19,19 +21,14 @@ use backline_core::{
     JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome, Result, RunAt,
 };
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, QueueDeleteOptions, QueuePurgeOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Acker, BasicProperties, Channel, Confirmation};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions, QueuePurgeOptions};
+use lapin::types::FieldTable;
+use lapin::Acker;
 
 pub use config::{QueueKind, QueueNaming, RabbitMqConfig, DEFAULT_URL, URL_ENV};
 /// The AMQP client this provider is built on, re-exported so that versions match.
 pub use lapin;
 
-use acks::requeue;
 use conn::{open_channel, Conn, Probe};
 use message::Meta;
 use topology::{MAX_STEP, MIN_STEP};
@@ -251,255 +248,6 @@ impl Drop for Inner {
 }
 
 impl Inner {
-    /// When a publish started now must have its confirm: the confirm timeout covers the send
-    /// (which waits while the broker blocks publishers) and the confirm together.
-    fn deadline(&self) -> tokio::time::Instant {
-        tokio::time::Instant::now() + self.config.confirm_timeout
-    }
-
-    /// `f`, failing with [`Error::Timeout`] past `deadline`; `None`: the caller enforces a
-    /// deadline around a larger whole (one timer per call instead of two per message).
-    async fn within<F: std::future::Future>(
-        &self,
-        deadline: Option<tokio::time::Instant>,
-        f: F,
-    ) -> Result<F::Output> {
-        match deadline {
-            Some(d) => tokio::time::timeout_at(d, f)
-                .await
-                .map_err(|_| self.timed_out()),
-            None => Ok(f.await),
-        }
-    }
-
-    fn timed_out(&self) -> Error {
-        Error::Timeout {
-            op: "publish confirm",
-            after: self.config.confirm_timeout,
-        }
-    }
-
-    /// Publishes persistently with `mandatory`, without awaiting the confirm.
-    async fn publish(
-        &self,
-        conn: &Conn,
-        routing_key: &str,
-        meta: &Meta,
-        payload: &[u8],
-        deadline: Option<tokio::time::Instant>,
-    ) -> Result<lapin::PublisherConfirm> {
-        self.publish_raw(conn, routing_key, meta.properties(), payload, deadline)
-            .await
-    }
-
-    async fn publish_raw(
-        &self,
-        conn: &Conn,
-        routing_key: &str,
-        properties: BasicProperties,
-        payload: &[u8],
-        deadline: Option<tokio::time::Instant>,
-    ) -> Result<lapin::PublisherConfirm> {
-        let send = conn.publish.basic_publish(
-            "".into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                immediate: false,
-            },
-            payload,
-            properties,
-        );
-        self.within(deadline, send)
-            .await?
-            .map_err(|e| conn_err("basic.publish", e))
-    }
-
-    async fn confirmed(
-        &self,
-        confirm: lapin::PublisherConfirm,
-        routing_key: &str,
-        deadline: Option<tokio::time::Instant>,
-    ) -> Result<()> {
-        let confirmation = self
-            .within(deadline, confirm)
-            .await?
-            .map_err(|e| conn_err("publish confirm", e))?;
-        match confirmation {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(backend_err(
-                "basic.publish",
-                format!("the broker returned a message for queue {routing_key}: no such queue"),
-            )),
-            Confirmation::Nack(None) => Err(backend_err(
-                "basic.publish",
-                format!("the broker refused (nack) a message for queue {routing_key}"),
-            )),
-            Confirmation::NotRequested => Err(backend_err(
-                "basic.publish",
-                "the publish channel is not in confirm mode".into(),
-            )),
-        }
-    }
-
-    /// Publishes one message and waits for the broker's confirm.
-    async fn publish_confirmed(
-        &self,
-        conn: &Conn,
-        routing_key: &str,
-        meta: &Meta,
-        payload: &[u8],
-    ) -> Result<()> {
-        let deadline = Some(self.deadline());
-        let c = self
-            .publish(conn, routing_key, meta, payload, deadline)
-            .await?;
-        self.confirmed(c, routing_key, deadline).await
-    }
-
-    /// Moves another publisher's message (no job name) out of a wait or landing queue into
-    /// `queue`'s dead letters, confirmed, with the reason in its headers.
-    async fn dead_letter_foreign(
-        &self,
-        conn: &Conn,
-        queue: &str,
-        properties: &BasicProperties,
-        payload: &[u8],
-        reason: &str,
-    ) -> Result<()> {
-        let dead = self.dead_name(queue);
-        self.ensure_plain(conn, &dead).await?;
-        let mut headers = properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            message::H_ERROR.into(),
-            AMQPValue::LongString(message::truncate_error(reason).into()),
-        );
-        headers.insert(
-            message::H_DIED_AT.into(),
-            AMQPValue::LongLongInt(Utc::now().timestamp_micros()),
-        );
-        let props = properties
-            .clone()
-            .with_delivery_mode(2)
-            .with_headers(headers);
-        let deadline = Some(self.deadline());
-        let c = self
-            .publish_raw(conn, &dead, props, payload, deadline)
-            .await?;
-        self.confirmed(c, &dead, deadline).await
-    }
-
-    /// Moves a waiting message on: to its work queue if due, else down the ladder.
-    async fn relay(&self, conn: &Conn, meta: &Meta, payload: &[u8]) -> Result<bool> {
-        let (target, due) = self.route(conn, meta, Utc::now()).await?;
-        self.publish_confirmed(conn, &target, meta, payload).await?;
-        Ok(due)
-    }
-
-    /// Another publisher's message (no job name) in `queue`'s landing queue (published there
-    /// by hand, or dead-lettered from a wait step): its job is unknown, so it goes to the dead
-    /// letters with the reason, confirmed, before the caller acks it.
-    async fn landing_foreign(
-        &self,
-        conn: &Conn,
-        queue: &str,
-        properties: &BasicProperties,
-        payload: &[u8],
-    ) -> Result<()> {
-        tracing::error!(queue = %queue, "a message without a job name in the landing queue; moved to the dead letters");
-        self.dead_letter_foreign(
-            conn,
-            queue,
-            properties,
-            payload,
-            "a message without a job name (no `type`, no Backline header) in a wait or landing queue",
-        )
-        .await
-    }
-
-    /// Starts the relay consumer of `queue`'s landing queue on this connection, once.
-    async fn ensure_relay(self: &Arc<Self>, conn: &Arc<Conn>, queue: &str) -> Result<()> {
-        if lock(&self.relays).get(queue) == Some(&conn.generation) {
-            return Ok(());
-        }
-        let landing = self.landing_name(queue);
-        self.ensure_plain(conn, &landing).await?;
-        let channel = conn
-            .relay
-            .get_or_try_init(|| async {
-                let channel = open_channel(&conn.connection).await?;
-                channel
-                    .basic_qos(self.config.prefetch, BasicQosOptions::default())
-                    .await
-                    .map_err(|e| conn_err("basic.qos", e))?;
-                Ok::<Channel, Error>(channel)
-            })
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                landing.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| conn_err("basic.consume", e))?;
-        lock(&self.relays).insert(queue.to_owned(), conn.generation);
-        let weak: Weak<Inner> = Arc::downgrade(self);
-        let queue = queue.to_owned();
-        let generation = conn.generation;
-        tokio::spawn(async move {
-            while let Some(delivery) = consumer.next().await {
-                let Ok(delivery) = delivery else { break };
-                let Some(inner) = weak.upgrade() else { break };
-                let Ok(conn) = inner.conn().await else { break };
-                let meta = Meta::from_delivery(&delivery.properties, &queue, None);
-                let moved = match &meta {
-                    Some(m) => inner.relay(&conn, m, &delivery.data).await,
-                    None => inner
-                        .landing_foreign(&conn, &queue, &delivery.properties, &delivery.data)
-                        .await
-                        .map(|()| false),
-                };
-                match moved {
-                    Ok(due) => {
-                        if delivery
-                            .acker
-                            .ack(BasicAckOptions::default())
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
-                        if due {
-                            inner.notify_due(&conn, &queue).await;
-                        }
-                    }
-                    Err(e) => {
-                        // Back to the landing queue; try again after a pause, never in a loop.
-                        tracing::warn!(queue = %queue, error = %ErrorChain(&e), "delay relay failed; retrying in a second");
-                        let _ = delivery
-                            .acker
-                            .nack(BasicNackOptions {
-                                multiple: false,
-                                requeue: true,
-                            })
-                            .await;
-                        drop(inner);
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-            if let Some(inner) = weak.upgrade() {
-                let mut relays = lock(&inner.relays);
-                if relays.get(&queue) == Some(&generation) {
-                    relays.remove(&queue);
-                }
-            }
-        });
-        Ok(())
-    }
-
     /// One `basic.get` from a work queue; a redelivered message is counted and moved here.
     async fn get_one(
         &self,
@@ -971,30 +719,9 @@ impl Backend for RabbitMqBackend {
                             else {
                                 break;
                             };
-                            let d = msg.delivery;
-                            let moved = match Meta::from_delivery(&d.properties, queue, None) {
-                                Some(meta) => inner.relay(&conn, &meta, &d.data).await,
-                                None => inner
-                                    .landing_foreign(&conn, queue, &d.properties, &d.data)
-                                    .await
-                                    .map(|()| false),
-                            };
-                            match moved {
-                                Ok(true) => {
-                                    report.promoted += 1;
-                                    inner.notify_due(&conn, queue).await;
-                                }
-                                Ok(false) => {}
-                                Err(e) => {
-                                    // Not moved: back to the landing queue, for the next pass.
-                                    requeue(&d.acker).await;
-                                    return Err(e);
-                                }
+                            if inner.relay_delivery(&conn, queue, &msg.delivery).await? {
+                                report.promoted += 1;
                             }
-                            d.acker
-                                .ack(BasicAckOptions::default())
-                                .await
-                                .map_err(|e| conn_err("basic.ack", e))?;
                         }
                         Ok::<(), Error>(())
                     }
