@@ -3,6 +3,7 @@
 mod acks;
 mod config;
 mod conn;
+mod dead;
 mod message;
 mod publish;
 mod relay;
@@ -21,7 +22,7 @@ use backline_core::{
     JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome, Result, RunAt,
 };
 use chrono::{DateTime, Utc};
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions, QueuePurgeOptions};
+use lapin::options::{BasicGetOptions, QueueDeleteOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
 use lapin::Acker;
 
@@ -30,14 +31,12 @@ pub use config::{QueueKind, QueueNaming, RabbitMqConfig, DEFAULT_URL, URL_ENV};
 pub use lapin;
 
 use conn::{open_channel, Conn, Probe};
+use dead::{ScanStep, DEAD_SCAN_LIMIT};
 use message::Meta;
 use topology::{MAX_STEP, MIN_STEP};
 use wake::Signal;
 
 const BACKEND: &str = "rabbitmq";
-
-/// The most dead letters one `retry_dead` or `delete` looks at.
-const DEAD_SCAN_LIMIT: usize = 10_000;
 
 /// The RabbitMQ provider: one durable queue per (queue, job name), publisher confirms, manual
 /// acks, a TTL wait-queue ladder for delays and back-off, and a dead-letter queue per queue.
@@ -401,88 +400,12 @@ impl Inner {
         }
         Ok(Some(h.tag))
     }
-
-    /// Browses up to `limit` dead letters of `queue` on a channel of its own (closed after, so
-    /// every message goes back in place); `visit` says, per message, whether to take it (ack)
-    /// and whether to go on.
-    async fn scan_dead<F>(&self, queue: &str, limit: usize, mut visit: F) -> Result<()>
-    where
-        F: FnMut(&Meta, &[u8]) -> ScanStep,
-    {
-        let conn = self.conn().await?;
-        let dead = self.dead_name(queue);
-        self.ensure_plain(&conn, &dead).await?;
-        let channel = open_channel(&conn.connection).await?;
-        let result = async {
-            for _ in 0..limit {
-                let Some(msg) = channel
-                    .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
-                    .await
-                    .map_err(|e| conn_err("basic.get", e))?
-                else {
-                    break;
-                };
-                let d = msg.delivery;
-                let Some(meta) = Meta::from_delivery(&d.properties, queue, None) else {
-                    continue;
-                };
-                match visit(&meta, &d.data) {
-                    ScanStep::Next => {}
-                    ScanStep::Stop => break,
-                    ScanStep::Take => {
-                        d.acker
-                            .ack(BasicAckOptions::default())
-                            .await
-                            .map_err(|e| conn_err("basic.ack", e))?;
-                    }
-                    ScanStep::TakeAndStop => {
-                        d.acker
-                            .ack(BasicAckOptions::default())
-                            .await
-                            .map_err(|e| conn_err("basic.ack", e))?;
-                        break;
-                    }
-                }
-            }
-            Ok(())
-        }
-        .await;
-        let _ = channel.close(200, "dead-letter scan done".into()).await;
-        result
-    }
-
-    /// Finds a dead job by id and takes it (acks it: it is gone from the dead letters).
-    async fn find_dead(&self, id: JobId) -> Result<Option<(Meta, Vec<u8>)>> {
-        for (queue, _) in self.known_queues(None) {
-            let mut found = None;
-            self.scan_dead(&queue, DEAD_SCAN_LIMIT, |m, data| {
-                if m.id == id {
-                    found = Some((m.clone(), data.to_vec()));
-                    ScanStep::TakeAndStop
-                } else {
-                    ScanStep::Next
-                }
-            })
-            .await?;
-            if found.is_some() {
-                return Ok(found);
-            }
-        }
-        Ok(None)
-    }
 }
 
 enum GetResult {
     Empty,
     Claimed(Box<ClaimedJob>, u32),
     Moved(u32),
-}
-
-enum ScanStep {
-    Next,
-    Stop,
-    Take,
-    TakeAndStop,
 }
 
 #[async_trait]
@@ -816,7 +739,7 @@ impl Backend for RabbitMqBackend {
         let inner = &self.inner;
         let conn = inner.conn().await?;
         // Republish first, confirmed; only then take the dead letter.
-        let Some((mut meta, payload)) = inner.peek_dead(id).await? else {
+        let Some((mut meta, payload)) = inner.find_dead(id, false).await? else {
             return Ok(false);
         };
         meta.attempt = 0;
@@ -826,13 +749,13 @@ impl Backend for RabbitMqBackend {
         inner
             .publish_confirmed(&conn, &work, &meta, &payload)
             .await?;
-        inner.find_dead(id).await?;
+        inner.find_dead(id, true).await?;
         inner.notify_due(&conn, &meta.queue).await;
         Ok(true)
     }
 
     async fn delete(&self, id: JobId) -> Result<bool> {
-        Ok(self.inner.find_dead(id).await?.is_some())
+        Ok(self.inner.find_dead(id, true).await?.is_some())
     }
 
     async fn purge(&self, state: JobState, queue: Option<&str>) -> Result<u64> {
@@ -879,28 +802,6 @@ impl Backend for RabbitMqBackend {
 
     async fn lock_release(&self, _name: &str, _owner: LeaseToken) -> Result<bool> {
         Err(unsupported("distributed locks"))
-    }
-}
-
-impl Inner {
-    /// Finds a dead job by id without taking it.
-    async fn peek_dead(&self, id: JobId) -> Result<Option<(Meta, Vec<u8>)>> {
-        for (queue, _) in self.known_queues(None) {
-            let mut found = None;
-            self.scan_dead(&queue, DEAD_SCAN_LIMIT, |m, data| {
-                if m.id == id {
-                    found = Some((m.clone(), data.to_vec()));
-                    ScanStep::Stop
-                } else {
-                    ScanStep::Next
-                }
-            })
-            .await?;
-            if found.is_some() {
-                return Ok(found);
-            }
-        }
-        Ok(None)
     }
 }
 
