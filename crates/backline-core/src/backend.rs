@@ -433,13 +433,16 @@ pub trait Backend: Send + Sync + 'static {
     /// One job by id.
     async fn get(&self, id: JobId) -> Result<Option<Job>> {
         let _ = id;
-        Err(crate::Error::unsupported(self.name(), "get"))
+        Err(crate::Error::unsupported(
+            self.name(),
+            "getting a job by id",
+        ))
     }
 
     /// Jobs matching a filter, ordered by id.
     async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
         let _ = filter;
-        Err(crate::Error::unsupported(self.name(), "list"))
+        Err(crate::Error::unsupported(self.name(), "listing jobs"))
     }
 
     /// How many jobs are in each state, for one queue or all.
@@ -448,19 +451,22 @@ pub trait Backend: Send + Sync + 'static {
     /// Removes a waiting job (scheduled, ready or retrying); `false` if it was not waiting.
     async fn cancel(&self, id: JobId) -> Result<bool> {
         let _ = id;
-        Err(crate::Error::unsupported(self.name(), "cancel"))
+        Err(crate::Error::unsupported(self.name(), "cancelling a job"))
     }
 
     /// Makes a dead job ready again with a fresh set of attempts; `false` if it was not dead.
     async fn retry_dead(&self, id: JobId) -> Result<bool> {
         let _ = id;
-        Err(crate::Error::unsupported(self.name(), "retry_dead"))
+        Err(crate::Error::unsupported(
+            self.name(),
+            "retrying a dead job",
+        ))
     }
 
     /// Removes a job that is not running; `false` if there was none (or it is running).
     async fn delete(&self, id: JobId) -> Result<bool> {
         let _ = id;
-        Err(crate::Error::unsupported(self.name(), "delete"))
+        Err(crate::Error::unsupported(self.name(), "deleting a job"))
     }
 
     /// Removes every job in `state` (never `Running`), for one queue or all; returns how many.
@@ -469,19 +475,19 @@ pub trait Backend: Send + Sync + 'static {
     /// Takes the named lock for `ttl` if it is free or expired (or held by `owner`).
     async fn lock_acquire(&self, name: &str, owner: LeaseToken, ttl: Duration) -> Result<bool> {
         let _ = (name, owner, ttl);
-        Err(crate::Error::unsupported(self.name(), "locks"))
+        Err(crate::Error::unsupported(self.name(), "distributed locks"))
     }
 
     /// Extends the lock if `owner` still holds it.
     async fn lock_renew(&self, name: &str, owner: LeaseToken, ttl: Duration) -> Result<bool> {
         let _ = (name, owner, ttl);
-        Err(crate::Error::unsupported(self.name(), "locks"))
+        Err(crate::Error::unsupported(self.name(), "distributed locks"))
     }
 
     /// Releases the lock if `owner` holds it.
     async fn lock_release(&self, name: &str, owner: LeaseToken) -> Result<bool> {
         let _ = (name, owner);
-        Err(crate::Error::unsupported(self.name(), "locks"))
+        Err(crate::Error::unsupported(self.name(), "distributed locks"))
     }
 }
 
