@@ -220,7 +220,7 @@ impl Backend for RabbitMqBackend {
                 tracing::debug!(queue = %queue, error = %ErrorChain(&e), "cannot listen to wake-ups; polling");
             }
         }
-        Ok(self.inner.signal(queue).wait(seen, timeout).await)
+        Ok(self.inner.wakes.wait(queue, seen, timeout).await)
     }
 
     async fn maintain(&self, m: &Maintenance) -> Result<MaintenanceReport> {

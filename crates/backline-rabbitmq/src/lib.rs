@@ -19,17 +19,16 @@ mod wake;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
 
 use backline_core::{Error, LeaseToken, Result};
-use chrono::{DateTime, Utc};
 use lapin::options::QueueDeleteOptions;
 
 pub use config::{QueueKind, QueueNaming, RabbitMqConfig, DEFAULT_URL, URL_ENV};
 /// The AMQP client this provider is built on, re-exported so that versions match.
 pub use lapin;
 
+use backline_core::provider::WakeSignals;
 use claim::Held;
 use conn::Conn;
 use wake::Signal;
@@ -76,7 +75,9 @@ struct Inner {
     /// Deliveries claimed and not yet finished, by the token of their claim: two deliveries
     /// of one job id (a duplicate publish) are two leases, each finished on its own.
     held: Mutex<HashMap<LeaseToken, Held>>,
-    /// Wake-up signals per queue.
+    /// The wake-up counters of the queues, which `wait` sleeps on.
+    wakes: WakeSignals,
+    /// The wake-up sender state per queue.
     signals: Mutex<HashMap<String, Arc<Signal>>>,
     /// Queues whose landing queue has a relay consumer, with the connection generation.
     relays: Mutex<HashMap<String, u64>>,
@@ -104,6 +105,7 @@ impl RabbitMqBackend {
                 ever_declared: Mutex::new(BTreeSet::new()),
                 known: Mutex::new(BTreeMap::new()),
                 held: Mutex::new(HashMap::new()),
+                wakes: WakeSignals::default(),
                 signals: Mutex::new(HashMap::new()),
                 relays: Mutex::new(HashMap::new()),
                 rotation: AtomicU64::new(0),
@@ -195,16 +197,10 @@ impl Drop for Inner {
 
 // Small helpers every module uses.
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use backline_core::provider::{lock_unpoisoned as lock, saturating_add as later};
 
 fn conn_err(op: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::Connection {
-        backend: BACKEND,
-        op,
-        source: Box::new(e),
-    }
+    Error::connection(BACKEND, op, e)
 }
 
 /// A name refused by [`config`]'s checks, given with a job (push, claim): an invalid job.
@@ -216,31 +212,18 @@ fn invalid_job(e: Error) -> Error {
 }
 
 fn backend_err(op: &'static str, msg: String) -> Error {
-    Error::Backend {
-        backend: BACKEND,
-        op,
-        source: msg.into(),
-    }
+    Error::backend(BACKEND, op, msg)
 }
 
 fn unsupported(what: &'static str) -> Error {
-    Error::Unsupported {
-        backend: BACKEND,
-        what,
-    }
-}
-
-/// `now + d`, saturating at the largest instant instead of overflowing.
-fn later(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(d)
-        .ok()
-        .and_then(|d| now.checked_add_signed(d))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    Error::unsupported(BACKEND, what)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::{DateTime, Utc};
+    use std::time::Duration;
 
     #[test]
     fn a_huge_delay_saturates() {

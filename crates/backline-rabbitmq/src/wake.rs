@@ -1,11 +1,12 @@
-//! Wake-ups: the per-queue [`Signal`] that `wait` sleeps on, and the wake-ups that travel
+//! Wake-ups: the per-queue counters that `wait` sleeps on (core's
+//! [`WakeSignals`](backline_core::provider::WakeSignals)), the sender state of each queue
+//! ([`Signal`]), and the wake-ups that travel
 //! between handles and processes on `amq.direct` (the coalescing sender, [`Waking`], and the
 //! listener each connection opens). [`Inner::notify_due`] is the one call for "jobs of this
 //! queue are due now".
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use backline_core::{ErrorChain, Result};
 use futures_util::StreamExt;
@@ -22,36 +23,13 @@ use crate::{conn_err, lock, Inner};
 /// The exchange wake-ups travel on: built into every broker, nothing to declare or delete.
 const WAKE_EXCHANGE: &str = "amq.direct";
 
-/// A queue's wake-up signal: a sequence number that `wait` compares with the one it saw.
+/// A queue's wake-up sender state (its waiters' counter is in [`Inner::wakes`]).
 #[derive(Default)]
 pub(crate) struct Signal {
-    seq: AtomicU64,
-    notify: tokio::sync::Notify,
     /// Whether a wake-up sender task runs for this queue (see [`Inner::wake_others`]).
     waking: AtomicBool,
     /// Whether a job came due since the sender's last wake-up began.
     wake_again: AtomicBool,
-}
-
-impl Signal {
-    fn bump(&self) {
-        self.seq.fetch_add(1, Ordering::SeqCst);
-        self.notify.notify_waiters();
-    }
-
-    /// Waits until the sequence number differs from `seen` or `timeout` passes; returns the
-    /// number then.
-    pub(crate) async fn wait(&self, seen: u64, timeout: Duration) -> u64 {
-        let notified = self.notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let now = self.seq.load(Ordering::SeqCst);
-        if now != seen {
-            return now;
-        }
-        let _ = tokio::time::timeout(timeout, notified).await;
-        self.seq.load(Ordering::SeqCst)
-    }
 }
 
 /// Whether a queue's wake-up sender is active; dropping it (the sender stopped, or its task
@@ -108,7 +86,7 @@ impl Inner {
     /// Jobs of `queue` are due now: wakes this handle's waiters and, through
     /// [`wake_others`](Self::wake_others), every other handle's.
     pub(crate) async fn notify_due(&self, conn: &Conn, queue: &str) {
-        self.signal(queue).bump();
+        self.wakes.bump(queue);
         self.wake_others(conn, queue).await;
     }
 
@@ -249,7 +227,7 @@ impl Inner {
                     .strip_prefix(head.as_str())
                     .and_then(|k| k.strip_suffix(".~wake"))
                 {
-                    inner.signal(queue).bump();
+                    inner.wakes.bump(queue);
                 }
             }
         });

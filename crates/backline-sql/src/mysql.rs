@@ -111,12 +111,7 @@ fn unreadable_id() -> String {
     "with an unreadable id".to_owned()
 }
 
-fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(d)
-        .ok()
-        .and_then(|d| t.checked_add_signed(d))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
+use backline_core::provider::saturating_add as add;
 
 /// The MySQL/MariaDB backend behind [`SqlBackend`](crate::SqlBackend).
 pub(crate) struct MySqlBackend {
