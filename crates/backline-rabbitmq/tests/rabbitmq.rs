@@ -13,39 +13,23 @@ use backline_core::{
     JobManager, JobServer, JobState, Outcome,
 };
 use backline_rabbitmq::{QueueKind, QueueNaming, RabbitMqBackend, RabbitMqConfig};
+use backline_testkit::service::RABBITMQ;
 use backline_testkit::{eventually, fast_config, Action, Recorder, Task, TaskHandler};
-use tokio::sync::OnceCell;
 
 fn url() -> String {
-    std::env::var("BACKLINE_AMQP_URL").unwrap_or_else(|_| backline_rabbitmq::DEFAULT_URL.to_owned())
+    RABBITMQ.url()
 }
 
-static REACHABLE: OnceCell<bool> = OnceCell::const_new();
-
 async fn reachable() -> bool {
-    *REACHABLE
-        .get_or_init(|| async {
-            let config = RabbitMqConfig::new(url())
+    RABBITMQ
+        .reachable(|url| async move {
+            let config = RabbitMqConfig::new(url)
                 .with_prefix(fresh_prefix())
                 .with_connect_timeout(Duration::from_secs(5))
                 .with_reconnect_attempts(0);
-            match RabbitMqBackend::connect(config).await {
-                Ok(b) => {
-                    b.close().await;
-                    true
-                }
-                Err(e) => {
-                    let msg = format!(
-                        "RabbitMQ at {} is unreachable ({e}); start it (`cargo xtask services up`)",
-                        backline_core::redact_url(&url())
-                    );
-                    if backline_testkit::require_services() {
-                        panic!("{msg}");
-                    }
-                    eprintln!("\n!!!!!!!!!! SKIPPING RABBITMQ TESTS: {msg} !!!!!!!!!!\n");
-                    false
-                }
-            }
+            let b = RabbitMqBackend::connect(config).await?;
+            b.close().await;
+            Ok::<_, backline_core::Error>(())
         })
         .await
 }
