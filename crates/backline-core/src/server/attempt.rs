@@ -1,0 +1,168 @@
+//! One attempt of one job: decode, run the handler under its timeout and the server's
+//! cancellation, catch a panic, and turn the end into an [`Outcome`] for the result writer.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
+
+use super::results::FinishMsg;
+use super::{Run, Running};
+use crate::worker::panic_message;
+use crate::{ClaimedJob, FailureKind, Finish, JobContext, JobError, Outcome, Result, RetryPolicy};
+
+enum Ended {
+    Done(Result<(), JobError>),
+    TimedOut(Duration),
+    Cancelled,
+}
+
+pub(super) async fn run_job(run: Arc<Run>, claimed: ClaimedJob, permit: OwnedSemaphorePermit) {
+    let ClaimedJob { job, token } = claimed;
+    let inner = &run.inner;
+    let cancel = run.hard.child_token();
+    let lease_lost = Arc::new(AtomicBool::new(false));
+    if let Ok(mut m) = run.running.lock() {
+        m.insert(
+            job.id,
+            Running {
+                token,
+                cancel: cancel.clone(),
+                lease_lost: lease_lost.clone(),
+            },
+        );
+    }
+    let span = tracing::debug_span!("job", name = %job.name, id = %job.id, attempt = job.attempt, queue = %job.queue);
+    let handler = inner.handlers.get(&job.name).cloned();
+    let outcome = async {
+        let Some(handler) = handler else {
+            let error = format!(
+                "no handler for job `{}` on this server (registered: {})",
+                job.name,
+                inner.names.join(", ")
+            );
+            tracing::warn!(%error, "unknown job name");
+            return decide(&RetryPolicy::default(), &job, JobError::msg(error));
+        };
+        tracing::debug!("job started");
+        let ctx = JobContext {
+            id: job.id,
+            name: Arc::from(job.name.as_str()),
+            queue: Arc::from(job.queue.as_str()),
+            attempt: job.attempt,
+            max_attempts: job.max_attempts,
+            enqueued_at: job.enqueued_at,
+            shutdown: run.draining.clone(),
+            cancel: cancel.clone(),
+            data: inner.data.clone(),
+        };
+        let fut = AssertUnwindSafe(handler.call(&job.payload, ctx)).catch_unwind();
+        let limited = async {
+            match job.timeout {
+                None => Ended::Done(flatten(fut.await)),
+                Some(t) => match tokio::time::timeout(t, fut).await {
+                    Ok(r) => Ended::Done(flatten(r)),
+                    Err(_) => Ended::TimedOut(t),
+                },
+            }
+        };
+        let mut ended = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Ended::Cancelled,
+            e = limited => e,
+        };
+        // A handler that returns an error because the shutdown cancelled it is handed back too.
+        if run.hard.is_cancelled() && !matches!(ended, Ended::Done(Ok(()))) {
+            ended = Ended::Cancelled;
+        }
+        match ended {
+            Ended::Done(Ok(())) => {
+                tracing::debug!("job succeeded");
+                Outcome::Succeeded {
+                    keep: !inner.config.succeeded_ttl.is_zero(),
+                }
+            }
+            Ended::Done(Err(e)) => decide(&handler.retry_policy(), &job, e),
+            Ended::TimedOut(t) => {
+                cancel.cancel();
+                decide(
+                    &handler.retry_policy(),
+                    &job,
+                    JobError::msg(format!("timed out after {t:?}")),
+                )
+            }
+            Ended::Cancelled => Outcome::Release,
+        }
+    }
+    .instrument(span)
+    .await;
+    if let Ok(mut m) = run.running.lock() {
+        m.remove(&job.id);
+    }
+    if lease_lost.load(Ordering::Acquire) {
+        tracing::warn!(job = %job.id, name = %job.name, "lease lost while running; the result is dropped (another attempt owns the job)");
+        drop(permit);
+        return;
+    }
+    match &outcome {
+        Outcome::Retry { delay, error } => {
+            tracing::warn!(job = %job.id, name = %job.name, attempt = job.attempt, retry_in = ?delay, %error, "job failed; will retry")
+        }
+        Outcome::Dead { error } => {
+            tracing::error!(job = %job.id, name = %job.name, attempt = job.attempt, %error, "job dead")
+        }
+        Outcome::Release => {
+            tracing::info!(job = %job.id, name = %job.name, "job cancelled by shutdown; handed back")
+        }
+        Outcome::Succeeded { .. } => {}
+    }
+    let _ = run
+        .finish_tx
+        .send(FinishMsg::Item(Finish {
+            id: job.id,
+            token,
+            outcome,
+        }))
+        .await;
+    drop(permit);
+}
+
+fn flatten(
+    r: std::result::Result<Result<(), JobError>, Box<dyn std::any::Any + Send>>,
+) -> Result<(), JobError> {
+    match r {
+        Ok(r) => r,
+        Err(p) => Err(JobError::msg(format!("panicked: {}", panic_message(&*p)))),
+    }
+}
+
+/// Turns a failed attempt into a retry or a dead job.
+fn decide(policy: &RetryPolicy, job: &crate::Job, err: JobError) -> Outcome {
+    let error = err.message().to_owned();
+    let delay = match err.kind() {
+        FailureKind::Fatal => return Outcome::Dead { error },
+        FailureKind::RetryAfter(d) => d,
+        FailureKind::Retryable => policy.jittered_delay_for(job.attempt),
+    };
+    if job.attempt >= job.max_attempts {
+        return Outcome::Dead {
+            error: format!("{error} (attempt {} of {})", job.attempt, job.max_attempts),
+        };
+    }
+    if let Some(max_age) = policy.max_age {
+        let next =
+            chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+        let limit =
+            job.enqueued_at + chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+        if next > limit {
+            return Outcome::Dead {
+                error: format!("abandoned: the next try would be past the max age of {max_age:?}; last error: {error}"),
+            };
+        }
+    }
+    Outcome::Retry { delay, error }
+}
