@@ -9,6 +9,7 @@ mod manager;
 pub mod provider;
 mod retry;
 mod server;
+mod util;
 mod worker;
 
 pub use backend::{

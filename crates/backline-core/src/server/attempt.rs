@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use super::results::FinishMsg;
 use super::{Run, Running};
-use crate::worker::panic_message;
+use crate::util::panic_message;
 use crate::{ClaimedJob, FailureKind, Finish, JobContext, JobError, Outcome, Result, RetryPolicy};
 
 enum Ended {
