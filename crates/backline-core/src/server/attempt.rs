@@ -1,11 +1,13 @@
 //! One attempt of one job: decode, run the handler under its timeout and the server's
-//! cancellation, catch a panic, and turn the end into an [`Outcome`] for the result writer.
+//! cancellation, catch a panic, and turn the end into an [`Outcome`] for the result writer (a
+//! failure through [`RetryPolicy::outcome`]).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::Utc;
 use futures_util::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
@@ -13,7 +15,7 @@ use tracing::Instrument;
 use super::results::FinishMsg;
 use super::{Run, Running};
 use crate::util::panic_message;
-use crate::{ClaimedJob, FailureKind, Finish, JobContext, JobError, Outcome, Result, RetryPolicy};
+use crate::{ClaimedJob, Finish, JobContext, JobError, Outcome, Result, RetryPolicy};
 
 enum Ended {
     Done(Result<(), JobError>),
@@ -46,7 +48,7 @@ pub(super) async fn run_job(run: Arc<Run>, claimed: ClaimedJob, permit: OwnedSem
                 inner.names.join(", ")
             );
             tracing::warn!(%error, "unknown job name");
-            return decide(&RetryPolicy::default(), &job, JobError::msg(error));
+            return RetryPolicy::default().outcome(&job, &JobError::msg(error), Utc::now());
         };
         tracing::debug!("job started");
         let ctx = JobContext {
@@ -86,14 +88,11 @@ pub(super) async fn run_job(run: Arc<Run>, claimed: ClaimedJob, permit: OwnedSem
                     keep: !inner.config.succeeded_ttl.is_zero(),
                 }
             }
-            Ended::Done(Err(e)) => decide(&handler.retry_policy(), &job, e),
+            Ended::Done(Err(e)) => handler.retry_policy().outcome(&job, &e, Utc::now()),
             Ended::TimedOut(t) => {
                 cancel.cancel();
-                decide(
-                    &handler.retry_policy(),
-                    &job,
-                    JobError::msg(format!("timed out after {t:?}")),
-                )
+                let err = JobError::msg(format!("timed out after {t:?}"));
+                handler.retry_policy().outcome(&job, &err, Utc::now())
             }
             Ended::Cancelled => Outcome::Release,
         }
@@ -138,31 +137,4 @@ fn flatten(
         Ok(r) => r,
         Err(p) => Err(JobError::msg(format!("panicked: {}", panic_message(&*p)))),
     }
-}
-
-/// Turns a failed attempt into a retry or a dead job.
-fn decide(policy: &RetryPolicy, job: &crate::Job, err: JobError) -> Outcome {
-    let error = err.message().to_owned();
-    let delay = match err.kind() {
-        FailureKind::Fatal => return Outcome::Dead { error },
-        FailureKind::RetryAfter(d) => d,
-        FailureKind::Retryable => policy.jittered_delay_for(job.attempt),
-    };
-    if job.attempt >= job.max_attempts {
-        return Outcome::Dead {
-            error: format!("{error} (attempt {} of {})", job.attempt, job.max_attempts),
-        };
-    }
-    if let Some(max_age) = policy.max_age {
-        let next =
-            chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-        let limit =
-            job.enqueued_at + chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
-        if next > limit {
-            return Outcome::Dead {
-                error: format!("abandoned: the next try would be past the max age of {max_age:?}; last error: {error}"),
-            };
-        }
-    }
-    Outcome::Retry { delay, error }
 }
