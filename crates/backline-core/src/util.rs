@@ -10,3 +10,22 @@ pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         "a panic with a non-text payload".to_owned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_message_reads_text_payloads() {
+        let caught = |f: fn()| std::panic::catch_unwind(f).expect_err("it panics");
+        assert_eq!(panic_message(&*caught(|| panic!("plain"))), "plain");
+        assert_eq!(
+            panic_message(&*caught(|| panic!("formatted {}", 7))),
+            "formatted 7"
+        );
+        assert_eq!(
+            panic_message(&*caught(|| std::panic::panic_any(7_u8))),
+            "a panic with a non-text payload"
+        );
+    }
+}

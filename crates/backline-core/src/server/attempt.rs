@@ -138,3 +138,37 @@ fn flatten(
         Err(p) => Err(JobError::msg(format!("panicked: {}", panic_message(&*p)))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FailureKind;
+
+    #[test]
+    fn flatten_passes_the_handlers_result_through() {
+        assert!(flatten(Ok(Ok(()))).is_ok());
+        let e = flatten(Ok(Err(JobError::fatal("bad input")))).expect_err("an error");
+        assert_eq!((e.kind(), e.message()), (FailureKind::Fatal, "bad input"));
+        let e =
+            flatten(Ok(Err(JobError::retry_after(Duration::from_secs(3))))).expect_err("an error");
+        assert_eq!(e.kind(), FailureKind::RetryAfter(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn flatten_turns_a_panic_into_a_retryable_failure_with_its_message() {
+        for (payload, message) in [
+            (
+                Box::new("oops") as Box<dyn std::any::Any + Send>,
+                "panicked: oops",
+            ),
+            (Box::new(String::from("oops 2")), "panicked: oops 2"),
+            (
+                Box::new(42_u32),
+                "panicked: a panic with a non-text payload",
+            ),
+        ] {
+            let e = flatten(Err(payload)).expect_err("a panic is an error");
+            assert_eq!((e.kind(), e.message()), (FailureKind::Retryable, message));
+        }
+    }
+}

@@ -78,3 +78,65 @@ impl ServerConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_is_valid() {
+        ServerConfig::default()
+            .validate()
+            .expect("the default is valid");
+    }
+
+    #[test]
+    fn validate_accepts_the_edges() {
+        let cfg = ServerConfig {
+            lease: Duration::from_millis(2),
+            heartbeat: Duration::from_millis(1),
+            poll_interval: Duration::from_nanos(1),
+            maintenance_interval: Duration::from_nanos(1),
+            claim_batch: 1,
+            finish_batch: 1,
+            maintenance_batch: 1,
+            default_concurrency: 1,
+            succeeded_ttl: Duration::ZERO, // documented: delete at once
+            ..ServerConfig::default()
+        };
+        cfg.validate().expect("the edges are valid");
+    }
+
+    #[test]
+    fn validate_refuses_each_bad_value() {
+        const LEASE: &str = "lease must be longer than zero";
+        const HEARTBEAT: &str = "heartbeat must be shorter than the lease and longer than zero";
+        const INTERVALS: &str = "poll and maintenance intervals must be longer than zero";
+        const BATCHES: &str = "batch sizes must be at least 1";
+        const CONCURRENCY: &str = "concurrency must be at least 1";
+        type Case = (&'static str, fn(&mut ServerConfig), &'static str);
+        #[rustfmt::skip]
+        let table: [Case; 11] = [
+            ("zero lease", |c| c.lease = Duration::ZERO, LEASE),
+            ("zero heartbeat", |c| c.heartbeat = Duration::ZERO, HEARTBEAT),
+            ("heartbeat equal to the lease", |c| c.heartbeat = c.lease, HEARTBEAT),
+            ("heartbeat longer than the lease", |c| c.lease = Duration::from_secs(5), HEARTBEAT),
+            ("zero poll interval", |c| c.poll_interval = Duration::ZERO, INTERVALS),
+            ("zero maintenance interval", |c| c.maintenance_interval = Duration::ZERO, INTERVALS),
+            ("zero claim batch", |c| c.claim_batch = 0, BATCHES),
+            ("zero finish batch", |c| c.finish_batch = 0, BATCHES),
+            ("zero maintenance batch", |c| c.maintenance_batch = 0, BATCHES),
+            ("zero default concurrency", |c| c.default_concurrency = 0, CONCURRENCY),
+            ("a zero lease is reported before the heartbeat it breaks too",
+                |c| { c.lease = Duration::ZERO; c.heartbeat = Duration::ZERO }, LEASE),
+        ];
+        for (case, change, message) in table {
+            let mut cfg = ServerConfig::default();
+            change(&mut cfg);
+            match cfg.validate() {
+                Err(Error::Config(m)) => assert_eq!(m, message, "{case}"),
+                other => panic!("{case}: expected a config error, got {other:?}"),
+            }
+        }
+    }
+}

@@ -62,7 +62,7 @@ impl Schedule {
     ///
     /// ```
     /// use backline_core::Schedule;
-    /// let nightly = Schedule::cron("30 2 * * *", chrono_tz::Europe::Istanbul).unwrap();
+    /// let nightly = Schedule::cron("30 2 * * *", chrono_tz::Europe::Istanbul).expect("valid cron");
     /// assert!(Schedule::cron("not cron", chrono_tz::UTC).is_err());
     /// # let _ = nightly;
     /// ```
@@ -125,5 +125,73 @@ impl CronSchedule {
             .find_next_occurrence(&local, false)
             .ok()
             .map(|t| t.with_timezone(&chrono::Utc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{DateTime, TimeZone, Utc};
+
+    fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
+    }
+
+    #[test]
+    fn every_waits_one_period_before_each_run() {
+        let s = Schedule::every(Duration::from_secs(5));
+        let now = utc(2026, 6, 1, 12, 0);
+        assert_eq!(s.next_delay(now, true), Some(Duration::from_secs(5)));
+        assert_eq!(s.next_delay(now, false), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn every_from_start_runs_at_once_then_every_period() {
+        let s = Schedule::every_from_start(Duration::from_secs(5));
+        let now = utc(2026, 6, 1, 12, 0);
+        assert_eq!(s.next_delay(now, true), Some(Duration::ZERO));
+        assert_eq!(s.next_delay(now, false), Some(Duration::from_secs(5)));
+    }
+
+    #[cfg(feature = "cron")]
+    #[test]
+    fn cron_waits_for_the_next_tick_in_its_timezone() {
+        // 23:00 UTC is 02:00 in Istanbul (UTC+3): the 02:30 tick is half an hour away.
+        let s = Schedule::cron("30 2 * * *", chrono_tz::Europe::Istanbul).expect("valid cron");
+        let now = utc(2026, 6, 1, 23, 0);
+        assert_eq!(s.next_delay(now, true), Some(Duration::from_secs(30 * 60)));
+        assert_eq!(s.next_delay(now, false), Some(Duration::from_secs(30 * 60)));
+        let six_fields =
+            Schedule::cron("15 30 2 * * *", chrono_tz::Europe::Istanbul).expect("valid cron");
+        assert_eq!(
+            six_fields.next_delay(now, false),
+            Some(Duration::from_secs(30 * 60 + 15))
+        );
+    }
+
+    #[cfg(feature = "cron")]
+    #[test]
+    fn cron_ticks_across_daylight_saving_changes_as_documented() {
+        let Schedule::Cron(daily) =
+            Schedule::cron("30 2 * * *", chrono_tz::Europe::Berlin).expect("valid cron")
+        else {
+            unreachable!()
+        };
+        // 29 March 2026: Berlin's clocks jump from 02:00 to 03:00 (01:00 UTC); 02:30 does not
+        // exist that day, so the tick runs at 03:00 local.
+        assert_eq!(
+            daily.next_after(utc(2026, 3, 29, 0, 0)),
+            Some(utc(2026, 3, 29, 1, 0))
+        );
+        // 25 October 2026: 02:00 to 03:00 local happens twice (00:00 to 02:00 UTC); the tick
+        // runs once, at the first 02:30 (00:30 UTC), and next on the following day.
+        assert_eq!(
+            daily.next_after(utc(2026, 10, 25, 0, 0)),
+            Some(utc(2026, 10, 25, 0, 30))
+        );
+        assert_eq!(
+            daily.next_after(utc(2026, 10, 25, 0, 30)),
+            Some(utc(2026, 10, 26, 1, 30))
+        );
     }
 }
