@@ -82,6 +82,10 @@ impl Schedule {
     }
 
     /// How long from `now` until the next run, or `None` if there is none.
+    #[cfg_attr(
+        not(feature = "cron"),
+        expect(unused_variables, reason = "only cron reads `now`")
+    )]
     pub(super) fn next_delay(
         &self,
         now: chrono::DateTime<chrono::Utc>,
