@@ -158,9 +158,10 @@ impl RetryPolicy {
             };
         }
         if let Some(max_age) = self.max_age {
-            let next = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-            let limit = job.enqueued_at
-                + chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+            // Saturating: a huge retry-after or max age must not panic the attempt (which
+            // would leave the job running under a heartbeated lease until the server stops).
+            let next = crate::provider::saturating_add(now, delay);
+            let limit = crate::provider::saturating_add(job.enqueued_at, max_age);
             if next > limit {
                 return Outcome::Dead {
                     error: format!("abandoned: the next try would be past the max age of {max_age:?}; last error: {error}"),
@@ -279,6 +280,11 @@ mod tests {
                 retry(900, "retry requested after 900s")),
             ("the last attempt is dead, with the attempt count",
                 plain, job(25, 25, 0), JobError::msg("boom"), dead("boom (attempt 25 of 25)")),
+            ("a retry-after beyond the calendar is past any max age, and does not panic",
+                aged, job(1, 25, 0), JobError::retry_after(Duration::MAX),
+                abandoned(&format!("retry requested after {:?}", Duration::MAX))),
+            ("a max age beyond the calendar never abandons, and does not panic",
+                plain.with_max_age(Duration::MAX), job(1, 25, 0), JobError::msg("boom"), retry(1, "boom")),
             ("retry-after on the last attempt is dead too",
                 plain, job(3, 3, 0), JobError::retry_after(Duration::from_secs(7)),
                 dead("retry requested after 7s (attempt 3 of 3)")),
