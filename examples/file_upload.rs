@@ -126,10 +126,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The operator's view: which uploads failed, and why?
     let dead = jobs
-        .list(&JobFilter {
-            state: Some(JobState::Dead),
-            ..JobFilter::default()
-        })
+        .list(&JobFilter::new().with_state(JobState::Dead))
         .await?;
     println!("[ops] {} dead job(s)", dead.len());
     for job in &dead {

@@ -241,10 +241,7 @@ async fn demo(
     // 5. Inspection after the drain.
     print_counts("after the drain", &manager.counts(None).await?);
     let succeeded = manager
-        .list(&JobFilter {
-            state: Some(JobState::Succeeded),
-            ..JobFilter::default()
-        })
+        .list(&JobFilter::new().with_state(JobState::Succeeded))
         .await?;
     for job in &succeeded {
         println!(

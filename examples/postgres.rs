@@ -238,10 +238,7 @@ async fn demo(backend: &SqlBackend, pool: &sqlx::PgPool) -> Result<(), Box<dyn s
     // 5. Inspection after the drain.
     print_counts("after the drain", &manager.counts(None).await?);
     let succeeded = manager
-        .list(&JobFilter {
-            state: Some(JobState::Succeeded),
-            ..JobFilter::default()
-        })
+        .list(&JobFilter::new().with_state(JobState::Succeeded))
         .await?;
     for job in &succeeded {
         println!(

@@ -201,11 +201,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // What an earlier run left behind: jobs still waiting in the file.
     let mut found = Vec::new();
     for state in [JobState::Scheduled, JobState::Ready, JobState::Retrying] {
-        let filter = JobFilter {
-            state: Some(state),
-            limit: 1000,
-            ..JobFilter::default()
-        };
+        let filter = JobFilter::new().with_state(state).with_limit(1000);
         found.extend(manager.list(&filter).await?);
     }
     if found.is_empty() {

@@ -180,10 +180,7 @@ async fn demo(backend: &RabbitMqBackend) -> Result<(), AnyError> {
     let deadline = Instant::now() + DEADLINE;
     let dead = loop {
         let dead = manager
-            .list(&JobFilter {
-                state: Some(JobState::Dead),
-                ..JobFilter::default()
-            })
+            .list(&JobFilter::new().with_state(JobState::Dead))
             .await?;
         if let Some(job) = dead.into_iter().find(|j| j.id == charge) {
             break job;

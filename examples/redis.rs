@@ -292,10 +292,7 @@ async fn demo(backend: &RedisBackend, manager: &JobManager) -> Result<(), AnyErr
 
         // 3. The dead job: why it died, then a retry once the cause is fixed.
         let dead = manager
-            .list(&JobFilter {
-                state: Some(JobState::Dead),
-                ..JobFilter::default()
-            })
+            .list(&JobFilter::new().with_state(JobState::Dead))
             .await?;
         for job in &dead {
             println!(

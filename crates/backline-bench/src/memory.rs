@@ -51,12 +51,12 @@ async fn claim_finish(n: usize, batch: usize) -> Result<f64> {
         backend.push(jobs).await?;
     }
     let names = vec![Noop::NAME.to_owned()];
-    let req = ClaimRequest {
-        queue: backline_core::DEFAULT_QUEUE,
-        names: &names,
-        limit: batch,
-        lease: Duration::from_secs(30),
-    };
+    let req = ClaimRequest::new(
+        backline_core::DEFAULT_QUEUE,
+        &names,
+        batch,
+        Duration::from_secs(30),
+    );
     let mut done = 0;
     let mut results = Vec::with_capacity(batch);
     let start = Instant::now();
@@ -66,11 +66,11 @@ async fn claim_finish(n: usize, batch: usize) -> Result<f64> {
             break;
         }
         results.clear();
-        results.extend(claimed.into_iter().map(|c| Finish {
-            id: c.job.id,
-            token: c.token,
-            outcome: Outcome::Succeeded { keep: false },
-        }));
+        results.extend(
+            claimed
+                .into_iter()
+                .map(|c| Finish::new(c.job.id, c.token, Outcome::Succeeded { keep: false })),
+        );
         let applied = backend.finish(&results).await?;
         done += applied.iter().filter(|a| **a).count();
     }

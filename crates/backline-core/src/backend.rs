@@ -21,6 +21,7 @@ pub enum RunAt {
 
 /// A job to store, as the [`JobManager`](crate::JobManager) prepared it (arguments encoded).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct NewJob {
     /// The id, made by the client; storing a job whose id exists is a no-op where the backend
     /// has [`Capabilities::dedup_by_id`].
@@ -42,6 +43,61 @@ pub struct NewJob {
 }
 
 impl NewJob {
+    /// A job of `name` with encoded arguments `payload`, and the defaults of
+    /// [`JobManager::prepare`](crate::JobManager::prepare) for a type that sets none: a fresh
+    /// id, the default queue, `Normal` priority, due now, 25 attempts, no time limit.
+    ///
+    /// For jobs built outside the typed API (another language's payload, a provider's tests);
+    /// the `with_*` methods set the rest.
+    pub fn new(name: impl Into<String>, payload: Vec<u8>) -> NewJob {
+        NewJob {
+            id: JobId::new(),
+            name: name.into(),
+            queue: crate::DEFAULT_QUEUE.to_owned(),
+            payload,
+            priority: Priority::Normal,
+            run_at: RunAt::Now,
+            max_attempts: crate::RetryPolicy::default().max_attempts,
+            timeout: None,
+        }
+    }
+
+    /// Sets the id.
+    pub fn with_id(mut self, id: JobId) -> Self {
+        self.id = id;
+        self
+    }
+
+    /// Sets the queue.
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// Sets the priority.
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Sets when it becomes due.
+    pub fn with_run_at(mut self, run_at: RunAt) -> Self {
+        self.run_at = run_at;
+        self
+    }
+
+    /// Sets the most attempts.
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// Sets the limit on one attempt.
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// Checks a job before it is stored, whichever way it goes in ([`JobManager`](crate::JobManager)
     /// or a provider's own transactional enqueue): a valid job name and queue
     /// ([`validate_name`](crate::validate_name)), at least one attempt, and an encoded payload
@@ -68,6 +124,7 @@ impl NewJob {
 
 /// A stored job, as inspection and claims return it.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Job {
     /// The id.
     pub id: JobId,
@@ -110,6 +167,37 @@ impl LeaseToken {
     }
 }
 
+impl Job {
+    /// A job as a provider starts decoding one: the given identity, `Ready` at
+    /// `enqueued_at` = `run_at` = now, `Normal` priority, no attempt made of one allowed, no
+    /// time limit, error, lease or finish time. A provider sets the other fields from its
+    /// record (they are public).
+    pub fn new(
+        id: JobId,
+        name: impl Into<String>,
+        queue: impl Into<String>,
+        payload: Vec<u8>,
+    ) -> Job {
+        let now = Utc::now();
+        Job {
+            id,
+            name: name.into(),
+            queue: queue.into(),
+            payload,
+            priority: Priority::Normal,
+            state: JobState::Ready,
+            attempt: 0,
+            max_attempts: 1,
+            timeout: None,
+            enqueued_at: now,
+            run_at: now,
+            last_error: None,
+            lease_until: None,
+            finished_at: None,
+        }
+    }
+}
+
 /// A job claimed under a lease.
 #[derive(Debug, Clone)]
 pub struct ClaimedJob {
@@ -121,6 +209,7 @@ pub struct ClaimedJob {
 
 /// What to claim.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct ClaimRequest<'a> {
     /// The queue to claim from.
     pub queue: &'a str,
@@ -135,8 +224,21 @@ pub struct ClaimRequest<'a> {
     pub lease: Duration,
 }
 
+impl<'a> ClaimRequest<'a> {
+    /// Up to `limit` jobs of `queue` with one of `names`, each under a lease of `lease`.
+    pub fn new(queue: &'a str, names: &'a [String], limit: usize, lease: Duration) -> Self {
+        ClaimRequest {
+            queue,
+            names,
+            limit,
+            lease,
+        }
+    }
+}
+
 /// How an attempt ended.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// It succeeded. With `keep: false` the job is deleted at once (retention 0).
     Succeeded {
@@ -161,6 +263,7 @@ pub enum Outcome {
 
 /// One finished attempt.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Finish {
     /// The job.
     pub id: JobId,
@@ -168,6 +271,13 @@ pub struct Finish {
     pub token: LeaseToken,
     /// How it ended.
     pub outcome: Outcome,
+}
+
+impl Finish {
+    /// The end of the attempt that claim `token` of job `id` ran.
+    pub fn new(id: JobId, token: LeaseToken, outcome: Outcome) -> Self {
+        Finish { id, token, outcome }
+    }
 }
 
 /// What the periodic maintenance does in one call; each part is bounded by `batch`.
@@ -204,6 +314,7 @@ impl MaintenanceReport {
 
 /// Which jobs to list.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct JobFilter {
     /// Only this state.
     pub state: Option<JobState>,
@@ -215,6 +326,43 @@ pub struct JobFilter {
     pub limit: usize,
     /// Skip this many (ordered by id, oldest first).
     pub offset: usize,
+}
+
+impl JobFilter {
+    /// Every job, in pages of 100 (the default limit).
+    pub fn new() -> Self {
+        JobFilter::default()
+    }
+
+    /// Only jobs in `state`.
+    pub fn with_state(mut self, state: JobState) -> Self {
+        self.state = Some(state);
+        self
+    }
+
+    /// Only jobs of `queue`.
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Only jobs named `name`.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// At most `limit` jobs (0 means 100).
+    pub fn with_limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Skips the first `offset` jobs (ordered by id).
+    pub fn with_offset(mut self, offset: usize) -> Self {
+        self.offset = offset;
+        self
+    }
 }
 
 /// How many jobs are in each state.

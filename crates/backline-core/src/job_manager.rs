@@ -54,6 +54,7 @@ impl IntoBackend for Arc<dyn Backend> {
 /// # let _ = opts;
 /// ```
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct EnqueueOptions {
     /// Use this id instead of a fresh one (an enqueue retried with the same id makes one job,
     /// where the backend has `dedup_by_id`).

@@ -221,26 +221,17 @@ impl Backend for MemoryBackend {
                     RunAt::At(t) => t,
                 };
                 let due = run_at <= now;
-                let job = Job {
-                    id: new.id,
-                    name: new.name,
-                    queue: new.queue,
-                    payload: new.payload,
-                    priority: new.priority,
-                    state: if due {
-                        JobState::Ready
-                    } else {
-                        JobState::Scheduled
-                    },
-                    attempt: 0,
-                    max_attempts: new.max_attempts.max(1),
-                    timeout: new.timeout,
-                    enqueued_at: now,
-                    run_at,
-                    last_error: None,
-                    lease_until: None,
-                    finished_at: None,
+                let mut job = Job::new(new.id, new.name, new.queue, new.payload);
+                job.priority = new.priority;
+                job.state = if due {
+                    JobState::Ready
+                } else {
+                    JobState::Scheduled
                 };
+                job.max_attempts = new.max_attempts.max(1);
+                job.timeout = new.timeout;
+                job.enqueued_at = now;
+                job.run_at = run_at;
                 let (id, queue) = (job.id, job.queue.clone());
                 st.jobs.insert(id, Entry { job, token: None });
                 if due {
@@ -354,7 +345,8 @@ impl Backend for MemoryBackend {
                         }
                     }
                     Outcome::Dead { error } => st.finish_dead(f.id, now, error.clone()),
-                    Outcome::Release => {
+                    // Release, and an outcome this version does not know: handed back.
+                    _ => {
                         if let Some(e) = st.jobs.get_mut(&f.id) {
                             e.job.attempt = e.job.attempt.saturating_sub(1);
                             woken.push(e.job.queue.clone());

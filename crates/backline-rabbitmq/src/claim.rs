@@ -165,7 +165,8 @@ impl Inner {
                     Err(e) => Err(e),
                 }
             }
-            Outcome::Release => {
+            // Release, and an outcome this version does not know: handed back.
+            _ => {
                 // The attempt header is unchanged: the attempt is given back.
                 meta.run_at = Utc::now();
                 match self.ensure_work(conn, &meta.queue, &meta.name).await {

@@ -347,42 +347,33 @@ impl Meta {
         attempt: u32,
         lease_until: Option<DateTime<Utc>>,
     ) -> Job {
-        Job {
-            id: self.id,
-            name: self.name.clone(),
-            queue: self.queue.clone(),
-            payload,
-            priority: self.priority,
-            state,
-            attempt,
-            max_attempts: self.max_attempts,
-            timeout: self.timeout,
-            enqueued_at: self.enqueued_at,
-            run_at: self.run_at,
-            last_error: self.last_error.clone(),
-            lease_until,
-            finished_at: self.died_at,
-        }
+        let mut job = Job::new(self.id, self.name.clone(), self.queue.clone(), payload);
+        job.priority = self.priority;
+        job.state = state;
+        job.attempt = attempt;
+        job.max_attempts = self.max_attempts;
+        job.timeout = self.timeout;
+        job.enqueued_at = self.enqueued_at;
+        job.run_at = self.run_at;
+        job.last_error = self.last_error.clone();
+        job.lease_until = lease_until;
+        job.finished_at = self.died_at;
+        job
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use backline_core::RunAt;
 
     #[test]
     fn headers_round_trip() {
-        let job = NewJob {
-            id: JobId::new(),
-            name: "email".into(),
-            queue: "mail".into(),
-            payload: b"{}".to_vec(),
-            priority: Priority::AboveNormal,
-            run_at: RunAt::Now,
-            max_attempts: 7,
-            timeout: Some(Duration::from_millis(1500)),
-        };
+        let job = NewJob::new("email", b"{}".to_vec())
+            .with_id(JobId::new())
+            .with_queue("mail")
+            .with_priority(Priority::AboveNormal)
+            .with_max_attempts(7)
+            .with_timeout(Some(Duration::from_millis(1500)));
         let now = Utc::now();
         let run_at = now + chrono::Duration::seconds(5);
         let mut m = Meta::new(&job, now, Some(run_at));
@@ -400,16 +391,10 @@ mod tests {
     }
 
     fn fresh(id: JobId, max_attempts: u32) -> NewJob {
-        NewJob {
-            id,
-            name: "email".into(),
-            queue: "mail".into(),
-            payload: b"null".to_vec(),
-            priority: Priority::Normal,
-            run_at: RunAt::Now,
-            max_attempts,
-            timeout: None,
-        }
+        NewJob::new("email", b"null".to_vec())
+            .with_id(id)
+            .with_queue("mail")
+            .with_max_attempts(max_attempts)
     }
 
     /// A UUIDv7 id minted at `t`.

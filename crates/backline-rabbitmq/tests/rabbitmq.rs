@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use backline_core::{
     Backend, ClaimRequest, ClaimedJob, EnqueueOptions, Error, Finish, JobArgs, JobFilter, JobId,
-    JobManager, JobServer, JobState, Outcome,
+    JobManager, JobServer, JobState, NewJob, Outcome,
 };
 use backline_rabbitmq::{QueueKind, QueueNaming, RabbitMqBackend, RabbitMqConfig};
 use backline_testkit::service::RABBITMQ;
@@ -210,12 +210,12 @@ async fn claim_from(
     names: &[String],
     limit: usize,
 ) -> Vec<ClaimedJob> {
-    b.claim(ClaimRequest {
+    b.claim(ClaimRequest::new(
         queue,
         names,
         limit,
-        lease: Duration::from_secs(30),
-    })
+        Duration::from_secs(30),
+    ))
     .await
     .expect("claim")
 }
@@ -237,11 +237,7 @@ async fn out_of_order_finishes_ack_each_job_exactly_once() {
     assert_eq!(claimed.len(), 13);
     claimed.sort_by_key(|c| c.job.id);
     let canary = claimed.pop().expect("13 claimed");
-    let finish = |c: &ClaimedJob, outcome: Outcome| Finish {
-        id: c.job.id,
-        token: c.token,
-        outcome,
-    };
+    let finish = |c: &ClaimedJob, outcome: Outcome| Finish::new(c.job.id, c.token, outcome);
     let ok = || Outcome::Succeeded { keep: false };
     // Above open deliveries (j0..j4 run on): acked one by one.
     let batch: Vec<Finish> = claimed[5..7].iter().map(|c| finish(c, ok())).collect();
@@ -354,21 +350,18 @@ async fn a_redelivered_job_counts_the_lost_attempt() {
     assert_eq!(again.job.id, twice);
     assert_eq!(again.job.attempt, 2, "the lost attempt counts");
     assert_eq!(
-        b.finish(&[Finish {
-            id: twice,
-            token: again.token,
-            outcome: Outcome::Succeeded { keep: false },
-        }])
+        b.finish(&[Finish::new(
+            twice,
+            again.token,
+            Outcome::Succeeded { keep: false }
+        )])
         .await
         .expect("finish"),
         [true]
     );
     let dead = manager
         .backend()
-        .list(&JobFilter {
-            state: Some(JobState::Dead),
-            ..JobFilter::default()
-        })
+        .list(&JobFilter::new().with_state(JobState::Dead))
         .await
         .expect("list dead");
     assert_eq!(dead.len(), 1);
@@ -396,10 +389,7 @@ async fn a_dead_letter_is_listed_republished_and_purged() {
         .build()
         .expect("server");
     server.run_until_idle().await.expect("drain");
-    let dead_filter = JobFilter {
-        state: Some(JobState::Dead),
-        ..JobFilter::default()
-    };
+    let dead_filter = JobFilter::new().with_state(JobState::Dead);
     let dead = manager.list(&dead_filter).await.expect("list dead");
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].id, id);
@@ -477,11 +467,11 @@ async fn abp_naming_and_a_message_without_headers() {
     assert_eq!(claimed.job.attempt, 1);
     assert_eq!(claimed.job.payload, br#"{"email":"a@example.com"}"#);
     assert_eq!(
-        b.finish(&[Finish {
-            id: claimed.job.id,
-            token: claimed.token,
-            outcome: Outcome::Succeeded { keep: false },
-        }])
+        b.finish(&[Finish::new(
+            claimed.job.id,
+            claimed.token,
+            Outcome::Succeeded { keep: false }
+        )])
         .await
         .expect("finish"),
         [true]
@@ -674,11 +664,11 @@ async fn a_refused_declaration_costs_no_lease() {
     );
     assert_eq!(
         classic
-            .finish(&[Finish {
-                id: held_id,
-                token: held.token,
-                outcome: Outcome::Succeeded { keep: false },
-            }])
+            .finish(&[Finish::new(
+                held_id,
+                held.token,
+                Outcome::Succeeded { keep: false }
+            )])
             .await
             .expect("finish"),
         [true],
@@ -788,31 +778,18 @@ async fn ready_in(queue: &str) -> u32 {
 
 /// A job of `name` in `queue`, as the manager would prepare it.
 fn new_job(id: JobId, queue: &str, name: &str) -> backline_core::NewJob {
-    backline_core::NewJob {
-        id,
-        name: name.to_owned(),
-        queue: queue.to_owned(),
-        payload: serde_json::to_vec(&Task::ok("raw")).expect("encode"),
-        priority: backline_core::Priority::Normal,
-        run_at: backline_core::RunAt::Now,
-        max_attempts: 3,
-        timeout: None,
-    }
+    NewJob::new(name, serde_json::to_vec(&Task::ok("raw")).expect("encode"))
+        .with_id(id)
+        .with_queue(queue)
+        .with_max_attempts(3)
 }
 
 fn finish_ok(c: &ClaimedJob) -> Finish {
-    Finish {
-        id: c.job.id,
-        token: c.token,
-        outcome: Outcome::Succeeded { keep: false },
-    }
+    Finish::new(c.job.id, c.token, Outcome::Succeeded { keep: false })
 }
 
 fn dead_filter() -> JobFilter {
-    JobFilter {
-        state: Some(JobState::Dead),
-        ..JobFilter::default()
-    }
+    JobFilter::new().with_state(JobState::Dead)
 }
 
 /// A 200 KB error would not fit in one AMQP frame with the message's headers (the broker
@@ -831,21 +808,21 @@ async fn a_huge_error_is_cut_and_costs_no_other_lease() {
     let huge = "é".repeat(100_000);
     let applied = b
         .finish(&[
-            Finish {
-                id: held[0].job.id,
-                token: held[0].token,
-                outcome: Outcome::Dead {
+            Finish::new(
+                held[0].job.id,
+                held[0].token,
+                Outcome::Dead {
                     error: huge.clone(),
                 },
-            },
-            Finish {
-                id: held[1].job.id,
-                token: held[1].token,
-                outcome: Outcome::Retry {
+            ),
+            Finish::new(
+                held[1].job.id,
+                held[1].token,
+                Outcome::Retry {
                     delay: Duration::ZERO,
                     error: huge.clone(),
                 },
-            },
+            ),
         ])
         .await
         .expect("finish");
@@ -1144,12 +1121,12 @@ async fn colliding_names_are_refused() {
         .await
         .expect("a dotted job name");
     let err = b
-        .claim(ClaimRequest {
-            queue: "a.b",
-            names: &["c".to_owned()],
-            limit: 1,
-            lease: Duration::from_secs(30),
-        })
+        .claim(ClaimRequest::new(
+            "a.b",
+            &["c".to_owned()],
+            1,
+            Duration::from_secs(30),
+        ))
         .await;
     assert!(matches!(err, Err(Error::InvalidJob(_))), "{err:?}");
     assert!(matches!(
@@ -1174,13 +1151,13 @@ async fn dead_letters_page_by_id_across_queues() {
             .pop()
             .expect("claimed");
         assert_eq!(
-            b.finish(&[Finish {
+            b.finish(&[Finish::new(
                 id,
-                token: c.token,
-                outcome: Outcome::Dead {
+                c.token,
+                Outcome::Dead {
                     error: "dead".into()
-                },
-            }])
+                }
+            )])
             .await
             .expect("finish"),
             [true]
@@ -1188,11 +1165,7 @@ async fn dead_letters_page_by_id_across_queues() {
         ids.push(id);
     }
     let page = b
-        .list(&JobFilter {
-            offset: 1,
-            limit: 2,
-            ..dead_filter()
-        })
+        .list(&dead_filter().with_offset(1).with_limit(2))
         .await
         .expect("list");
     let got: Vec<JobId> = page.iter().map(|j| j.id).collect();
@@ -1211,13 +1184,13 @@ async fn counts_create_nothing_and_retention_reaches_other_handles_dead_letters(
         .expect("enqueue");
     let c = claim(&b, 1).await.pop().expect("claimed");
     assert_eq!(
-        b.finish(&[Finish {
+        b.finish(&[Finish::new(
             id,
-            token: c.token,
-            outcome: Outcome::Dead {
+            c.token,
+            Outcome::Dead {
                 error: "dead".into()
-            },
-        }])
+            }
+        )])
         .await
         .expect("finish"),
         [true]

@@ -343,12 +343,12 @@ async fn pump(
 async fn claim_all(b: &RabbitMqBackend) -> BTreeSet<JobId> {
     let names = vec![Task::NAME.to_owned()];
     let claimed = b
-        .claim(ClaimRequest {
-            queue: "default",
-            names: &names,
-            limit: 1000,
-            lease: Duration::from_secs(30),
-        })
+        .claim(ClaimRequest::new(
+            "default",
+            &names,
+            1000,
+            Duration::from_secs(30),
+        ))
         .await
         .expect("claim");
     claimed.into_iter().map(|c| c.job.id).collect()

@@ -148,22 +148,18 @@ fn parse_job(v: &[Value]) -> Option<Job> {
         return None;
     }
     let id = JobId::from_uuid(text(&v[0])?.parse().ok()?);
-    Some(Job {
-        id,
-        name: text(&v[1])?,
-        queue: text(&v[2])?,
-        payload: bytes(&v[3])?.to_vec(),
-        priority: Priority::from_value(int(&v[4])?.clamp(0, 1000) as i16),
-        state: parse_state(&text(&v[5])?)?,
-        attempt: u32::try_from(int(&v[6])?).unwrap_or(0),
-        max_attempts: u32::try_from(int(&v[7])?).unwrap_or(1),
-        timeout: int(&v[8]).map(|t| Duration::from_millis(t.max(0) as u64)),
-        enqueued_at: time(&v[9])?,
-        run_at: time(&v[10])?,
-        last_error: text(&v[11]),
-        lease_until: time(&v[12]),
-        finished_at: time(&v[13]),
-    })
+    let mut job = Job::new(id, text(&v[1])?, text(&v[2])?, bytes(&v[3])?.to_vec());
+    job.priority = Priority::from_value(int(&v[4])?.clamp(0, 1000) as i16);
+    job.state = parse_state(&text(&v[5])?)?;
+    job.attempt = u32::try_from(int(&v[6])?).unwrap_or(0);
+    job.max_attempts = u32::try_from(int(&v[7])?).unwrap_or(1);
+    job.timeout = int(&v[8]).map(|t| Duration::from_millis(t.max(0) as u64));
+    job.enqueued_at = time(&v[9])?;
+    job.run_at = time(&v[10])?;
+    job.last_error = text(&v[11]);
+    job.lease_until = time(&v[12]);
+    job.finished_at = time(&v[13]);
+    Some(job)
 }
 
 const FIELDS: [&str; 13] = [
@@ -578,7 +574,8 @@ impl Backend for RedisBackend {
                     Outcome::Succeeded { keep: false } => ("x", 0, ""),
                     Outcome::Retry { delay, error } => ("r", ms(*delay), error.as_str()),
                     Outcome::Dead { error } => ("d", 0, error.as_str()),
-                    Outcome::Release => ("l", 0, ""),
+                    // Release, and an outcome this version does not know: handed back.
+                    _ => ("l", 0, ""),
                 };
                 inv.arg(f.id.to_string())
                     .arg(f.token.0.to_string())

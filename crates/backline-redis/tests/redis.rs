@@ -171,12 +171,12 @@ async fn two_hundred_thousand_queued_jobs_and_a_claim_of_a_thousand() {
     assert_eq!(counts.ready, 200_000);
     let names = vec!["testkit.task".to_owned()];
     let claimed = b
-        .claim(ClaimRequest {
-            queue: "default",
-            names: &names,
-            limit: 1000,
-            lease: Duration::from_secs(60),
-        })
+        .claim(ClaimRequest::new(
+            "default",
+            &names,
+            1000,
+            Duration::from_secs(60),
+        ))
         .await
         .expect("claim");
     assert_eq!(claimed.len(), 1000);
@@ -302,12 +302,12 @@ async fn a_claim_takes_only_the_names_asked_for_in_order_across_names() {
         backline_testkit::AgingTask::NAME.to_owned(),
     ];
     let claimed = b
-        .claim(ClaimRequest {
-            queue: "default",
-            names: &names,
-            limit: 10,
-            lease: Duration::from_secs(60),
-        })
+        .claim(ClaimRequest::new(
+            "default",
+            &names,
+            10,
+            Duration::from_secs(60),
+        ))
         .await
         .expect("claim");
     let ids: Vec<_> = claimed.iter().map(|c| c.job.id).collect();
@@ -422,12 +422,9 @@ async fn malformed_hashes_cost_only_themselves() {
         assert_eq!(job.attempt, 1, "healthy job {id} ran in its first attempt");
     }
     handle.shutdown().await.expect("shutdown");
-    b.list(&backline_core::JobFilter {
-        limit: 1000,
-        ..Default::default()
-    })
-    .await
-    .expect("list loads beside malformed hashes");
+    b.list(&backline_core::JobFilter::new().with_limit(1000))
+        .await
+        .expect("list loads beside malformed hashes");
     manager.counts(None).await.expect("counts");
     delete_keys(&prefix).await;
 }

@@ -212,22 +212,23 @@ where
                 .map_err(|_| out_of_range("timeout_ms", format!("{ms} is negative")))
         })
         .transpose()?;
-    Ok(Job {
-        id: JobId::from_uuid(id),
-        name: column(row, "name")?,
-        queue: column(row, "queue")?,
-        payload: column(row, "payload")?,
-        priority: Priority::from_value(priority),
-        state,
-        attempt,
-        max_attempts,
-        timeout,
-        enqueued_at: required("enqueued_at")?,
-        run_at: required("run_at")?,
-        last_error: column(row, "last_error")?,
-        lease_until: row.time("lease_until")?,
-        finished_at: row.time("finished_at")?,
-    })
+    let mut job = Job::new(
+        JobId::from_uuid(id),
+        column::<_, String>(row, "name")?,
+        column::<_, String>(row, "queue")?,
+        column(row, "payload")?,
+    );
+    job.priority = Priority::from_value(priority);
+    job.state = state;
+    job.attempt = attempt;
+    job.max_attempts = max_attempts;
+    job.timeout = timeout;
+    job.enqueued_at = required("enqueued_at")?;
+    job.run_at = required("run_at")?;
+    job.last_error = column(row, "last_error")?;
+    job.lease_until = row.time("lease_until")?;
+    job.finished_at = row.time("finished_at")?;
+    Ok(job)
 }
 
 /// The rows of a claim or a page, split into the jobs that read and the ones that do not.
@@ -343,8 +344,9 @@ impl FinishPlan {
             match f.outcome {
                 Outcome::Succeeded { keep: false } => plan.drop.push(i),
                 Outcome::Succeeded { keep: true } => plan.succeeded.push(i),
-                Outcome::Release => plan.release.push(i),
                 Outcome::Retry { .. } | Outcome::Dead { .. } => plan.one_by_one.push(i),
+                // Release, and an outcome this version does not know: the job is handed back.
+                _ => plan.release.push(i),
             }
         }
         plan

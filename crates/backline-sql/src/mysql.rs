@@ -1,4 +1,4 @@
-//! MySQL 8 and MariaDB 10.6+: claims in one `READ COMMITTED` transaction
+//! MySQL 8 and MariaDB 10.8+: claims in one `READ COMMITTED` transaction
 //! (`SELECT … FOR UPDATE SKIP LOCKED`, then `UPDATE … WHERE id IN (…)`).
 
 use std::collections::{HashMap, HashSet};

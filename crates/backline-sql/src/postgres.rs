@@ -84,7 +84,8 @@ const KIND_RETRY: &str = "retry";
 const KIND_DEAD: &str = "dead";
 const KIND_RELEASE: &str = "release";
 
-/// One finish item in columns: kind, delay in microseconds, error.
+/// One finish item in columns: kind, delay in microseconds, error. An outcome this version
+/// does not know hands the job back, as `Release` does.
 fn outcome_columns(o: &backline_core::Outcome) -> (&'static str, i64, Option<&str>) {
     use backline_core::Outcome;
     match o {
@@ -92,7 +93,7 @@ fn outcome_columns(o: &backline_core::Outcome) -> (&'static str, i64, Option<&st
         Outcome::Succeeded { keep: true } => (KIND_SUCCEEDED, 0, None),
         Outcome::Retry { delay, error } => (KIND_RETRY, micros(*delay), Some(error)),
         Outcome::Dead { error } => (KIND_DEAD, 0, Some(error)),
-        Outcome::Release => (KIND_RELEASE, 0, None),
+        _ => (KIND_RELEASE, 0, None),
     }
 }
 

@@ -115,15 +115,15 @@ async fn child_process_entry() {
             first: AtomicBool::new(false),
         })
         .queue("default", 4)
-        .config(ServerConfig {
-            poll_interval: Duration::from_millis(200),
-            // Long leases: a lease never expires here, so no job may run twice.
-            lease: Duration::from_secs(60),
-            heartbeat: Duration::from_secs(5),
-            claim_batch: 4,
-            maintenance_interval: Duration::from_millis(200),
-            ..ServerConfig::default()
-        })
+        .config(
+            ServerConfig::default()
+                .with_poll_interval(Duration::from_millis(200))
+                // Long leases: a lease never expires here, so no job may run twice.
+                .with_lease(Duration::from_secs(60))
+                .with_heartbeat(Duration::from_secs(5))
+                .with_claim_batch(4)
+                .with_maintenance_interval(Duration::from_millis(200)),
+        )
         .build()
         .expect("child: server");
     server.run_until_idle().await.expect("child: drain");
@@ -325,10 +325,7 @@ async fn two_processes_drain_one_table(url: &str, table: &str) {
 
     // The table agrees: every job succeeded, in attempt 1.
     let jobs = manager
-        .list(&JobFilter {
-            limit: JOBS as usize * 2,
-            ..JobFilter::default()
-        })
+        .list(&JobFilter::new().with_limit(JOBS as usize * 2))
         .await
         .expect("list");
     assert_eq!(jobs.len(), JOBS as usize);

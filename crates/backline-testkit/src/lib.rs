@@ -81,15 +81,13 @@ pub fn require_services() -> bool {
 
 /// A server configuration with short timings, so scenarios take a second, not minutes.
 pub fn fast_config() -> ServerConfig {
-    ServerConfig {
-        poll_interval: Duration::from_millis(200),
-        lease: Duration::from_secs(2),
-        heartbeat: Duration::from_millis(400),
-        grace: Duration::from_secs(2),
-        maintenance_interval: Duration::from_millis(100),
-        max_error_backoff: Duration::from_secs(1),
-        ..ServerConfig::default()
-    }
+    ServerConfig::default()
+        .with_poll_interval(Duration::from_millis(200))
+        .with_lease(Duration::from_secs(2))
+        .with_heartbeat(Duration::from_millis(400))
+        .with_grace(Duration::from_secs(2))
+        .with_maintenance_interval(Duration::from_millis(100))
+        .with_max_error_backoff(Duration::from_secs(1))
 }
 
 /// The longest a scenario waits for a condition before it fails.
@@ -124,10 +122,7 @@ pub async fn job(manager: &JobManager, id: JobId) -> Option<backline_core::Job> 
 pub async fn all_jobs(manager: &JobManager) -> Vec<backline_core::Job> {
     manager
         .backend()
-        .list(&JobFilter {
-            limit: 100_000,
-            ..JobFilter::default()
-        })
+        .list(&JobFilter::new().with_limit(100_000))
         .await
         .expect("list jobs")
 }

@@ -1,5 +1,5 @@
 /// Calls `$callback!(…)` with the name of every scenario of [`scenarios`](crate::scenarios):
-/// the one list from which [`scenarios::ALL`](crate::scenarios::ALL) and [`conformance!`] are
+/// the one list from which [`scenarios::ALL`](crate::scenarios::ALL) and [`conformance!`](crate::conformance) are
 /// both made, so a scenario added here reaches every provider. (A unit test of the testkit
 /// checks that every `pub async fn` of `scenarios.rs` is on it.)
 ///

@@ -11,7 +11,7 @@ use std::time::Duration;
 use backline_core::{
     Backend, BackgroundWorker, ClaimRequest, EnqueueOptions, Error, Finish, JobArgs, JobFilter,
     JobId, JobManager, JobServer, JobServerBuilder, JobState, LeaseToken, Maintenance, NewJob,
-    Outcome, Priority, RunAt, WorkerContext, WorkerError, WorkerManager, WorkerManagerConfig,
+    Outcome, Priority, WorkerContext, WorkerError, WorkerManager, WorkerManagerConfig,
     WorkerOptions,
 };
 use chrono::Utc;
@@ -140,11 +140,11 @@ impl Setup {
             "a backend answers get or lists its dead jobs"
         );
         self.manager
-            .list(&JobFilter {
-                state: Some(JobState::Dead),
-                limit: 10_000,
-                ..JobFilter::default()
-            })
+            .list(
+                &JobFilter::new()
+                    .with_state(JobState::Dead)
+                    .with_limit(10_000),
+            )
             .await
             .expect("list dead jobs")
             .into_iter()
@@ -170,12 +170,7 @@ impl Setup {
     async fn claim(&self, limit: usize, lease: Duration) -> Vec<backline_core::ClaimedJob> {
         let names = [Task::NAME.to_owned()];
         self.backend
-            .claim(ClaimRequest {
-                queue: "default",
-                names: &names,
-                limit,
-                lease,
-            })
+            .claim(ClaimRequest::new("default", &names, limit, lease))
             .await
             .expect("claim")
     }
@@ -531,16 +526,13 @@ pub async fn undecodable_arguments_end_dead_with_the_reason(h: &dyn Harness) {
     let s = setup(h).await;
     let id = JobId::new();
     s.manager
-        .enqueue_raw(vec![NewJob {
-            id,
-            name: Task::NAME.to_owned(),
-            queue: "default".to_owned(),
-            payload: b"{\"not\": \"a task\"}".to_vec(),
-            priority: Priority::Normal,
-            run_at: RunAt::Now,
-            max_attempts: 5,
-            timeout: None,
-        }])
+        .enqueue_raw(vec![NewJob::new(
+            Task::NAME,
+            b"{\"not\": \"a task\"}".to_vec(),
+        )
+        .with_id(id)
+        .with_queue("default")
+        .with_max_attempts(5)])
         .await
         .expect("enqueue raw");
     let good = s.enqueue(Task::ok("good")).await;
@@ -684,14 +676,9 @@ async fn claim_on(
     lease: Duration,
 ) -> Vec<backline_core::ClaimedJob> {
     let names = [Task::NAME.to_owned()];
-    b.claim(ClaimRequest {
-        queue: "default",
-        names: &names,
-        limit,
-        lease,
-    })
-    .await
-    .expect("claim")
+    b.claim(ClaimRequest::new("default", &names, limit, lease))
+        .await
+        .expect("claim")
 }
 
 /// A finish or heartbeat with the token of an expired claim is refused.
@@ -725,18 +712,14 @@ pub async fn a_stale_token_cannot_complete_or_fail_a_job(h: &dyn Harness) {
     let stale = s
         .backend
         .finish(&[
-            Finish {
+            Finish::new(id, first.token, Outcome::Succeeded { keep: true }),
+            Finish::new(
                 id,
-                token: first.token,
-                outcome: Outcome::Succeeded { keep: true },
-            },
-            Finish {
-                id,
-                token: first.token,
-                outcome: Outcome::Dead {
+                first.token,
+                Outcome::Dead {
                     error: "stale".into(),
                 },
-            },
+            ),
         ])
         .await
         .expect("finish");
@@ -757,11 +740,11 @@ pub async fn a_stale_token_cannot_complete_or_fail_a_job(h: &dyn Harness) {
     }
     let fresh = s
         .backend
-        .finish(&[Finish {
+        .finish(&[Finish::new(
             id,
-            token: second.token,
-            outcome: Outcome::Succeeded { keep: true },
-        }])
+            second.token,
+            Outcome::Succeeded { keep: true },
+        )])
         .await
         .expect("finish");
     assert_eq!(fresh, [true]);
@@ -1053,11 +1036,11 @@ pub async fn inspection_lists_and_counts_by_state(h: &dyn Harness) {
     }
     let listed = s
         .manager
-        .list(&JobFilter {
-            state: Some(JobState::Ready),
-            queue: Some("default".into()),
-            ..JobFilter::default()
-        })
+        .list(
+            &JobFilter::new()
+                .with_state(JobState::Ready)
+                .with_queue("default"),
+        )
         .await
         .expect("list");
     let mut ids: Vec<JobId> = listed.iter().map(|j| j.id).collect();
@@ -1067,40 +1050,27 @@ pub async fn inspection_lists_and_counts_by_state(h: &dyn Harness) {
     assert_eq!(ids, want);
     let scheduled = s
         .manager
-        .list(&JobFilter {
-            state: Some(JobState::Scheduled),
-            ..JobFilter::default()
-        })
+        .list(&JobFilter::new().with_state(JobState::Scheduled))
         .await
         .expect("list");
     assert_eq!(scheduled.len(), 1);
     assert_eq!(scheduled[0].id, later);
     let by_queue = s
         .manager
-        .list(&JobFilter {
-            queue: Some("other".into()),
-            ..JobFilter::default()
-        })
+        .list(&JobFilter::new().with_queue("other"))
         .await
         .expect("list");
     assert_eq!(by_queue.len(), 1);
     assert_eq!(by_queue[0].id, other_q);
     let by_name = s
         .manager
-        .list(&JobFilter {
-            name: Some(Task::NAME.into()),
-            limit: 2,
-            ..JobFilter::default()
-        })
+        .list(&JobFilter::new().with_name(Task::NAME).with_limit(2))
         .await
         .expect("list");
     assert_eq!(by_name.len(), 2, "limit honoured");
     let none = s
         .manager
-        .list(&JobFilter {
-            name: Some("no.such.job".into()),
-            ..JobFilter::default()
-        })
+        .list(&JobFilter::new().with_name("no.such.job"))
         .await
         .expect("list");
     assert!(none.is_empty());

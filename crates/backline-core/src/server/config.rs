@@ -7,6 +7,7 @@ use crate::{Error, Result};
 /// Timing and sizing knobs of a [`JobServer`](crate::JobServer); every one is configurable so
 /// that tests run with leases of about a second.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// The longest idle wait between claims when no wake-up signal arrives (default 1 s;
     /// ABP polls every 5 s).
@@ -54,6 +55,35 @@ impl Default for ServerConfig {
             max_error_backoff: Duration::from_secs(30),
         }
     }
+}
+
+macro_rules! config_setters {
+    ($($field:ident: $ty:ty => $setter:ident),* $(,)?) => {
+        impl ServerConfig {
+            $(
+                #[doc = concat!("Sets [`", stringify!($field), "`](Self::", stringify!($field), ").")]
+                pub fn $setter(mut self, value: $ty) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+config_setters! {
+    poll_interval: Duration => with_poll_interval,
+    lease: Duration => with_lease,
+    heartbeat: Duration => with_heartbeat,
+    grace: Duration => with_grace,
+    claim_batch: usize => with_claim_batch,
+    finish_batch: usize => with_finish_batch,
+    maintenance_interval: Duration => with_maintenance_interval,
+    maintenance_batch: usize => with_maintenance_batch,
+    succeeded_ttl: Duration => with_succeeded_ttl,
+    dead_ttl: Duration => with_dead_ttl,
+    default_concurrency: usize => with_default_concurrency,
+    max_error_backoff: Duration => with_max_error_backoff,
 }
 
 impl ServerConfig {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 /// When a [`PeriodicWorker`](crate::PeriodicWorker) runs.
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum Schedule {
     /// Every `period`, measured from the end of the previous run (never overlapping).
     Every {

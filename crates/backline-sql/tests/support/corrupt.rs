@@ -209,10 +209,7 @@ pub(crate) async fn bad_rows_cost_only_themselves(
 ) {
     let w = write_all(&b, dialect, spoiled).await;
     let manager = JobManager::new(b.clone());
-    let all = backline_core::JobFilter {
-        limit: 1000,
-        ..Default::default()
-    };
+    let all = backline_core::JobFilter::new().with_limit(1000);
     // Before any claim: get names the column, list skips the row, counts see every row.
     let mut readable = 0;
     for (id, s) in &w.bad {
@@ -303,12 +300,9 @@ pub(crate) async fn bad_rows_cost_only_themselves(
         counts.dead as usize, dead,
         "every claimed bad row is dead, nothing else"
     );
-    b.list(&backline_core::JobFilter {
-        state: Some(JobState::Dead),
-        ..all.clone()
-    })
-    .await
-    .expect("the dead page loads");
+    b.list(&all.clone().with_state(JobState::Dead))
+        .await
+        .expect("the dead page loads");
 }
 
 /// On the current schema the database refuses every one of these rows.
