@@ -669,3 +669,105 @@ async fn hset(conn: &mut redis::aio::MultiplexedConnection, key: &str, field: &s
         .await
         .expect("spoil a field");
 }
+
+/// The other paths a bad hash can meet: a claim across several names (the merge of their
+/// ready sets), a retry due at once (which computes the ready score), and a delete or `get` of a
+/// job whose state is no job state.
+#[tokio::test]
+async fn malformed_hashes_in_a_claim_across_names_a_retry_and_a_delete() {
+    let Some(h) = harness().await else { return };
+    let b = backline_testkit::Harness::backend(&h).await;
+    let prefix = h.current();
+    let manager = JobManager::new(b.clone());
+    let client = redis::Client::open(url()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let job_key = |id: backline_core::JobId| format!("{{{prefix}:default}}:j:{id}");
+    let high = || backline_core::EnqueueOptions::new().priority(backline_core::Priority::High);
+    let aging = backline_testkit::AgingTask;
+    let bad_att = manager
+        .enqueue_with(Task::ok("bad att"), high())
+        .await
+        .expect("enqueue");
+    hset(&mut conn, &job_key(bad_att), "att", "x").await;
+    let bad_pri = manager
+        .enqueue_with(aging(Task::ok("bad pri")), high())
+        .await
+        .expect("enqueue");
+    hset(&mut conn, &job_key(bad_pri), "pri", "99").await;
+    let a = manager.enqueue(Task::ok("a")).await.expect("enqueue");
+    let z = manager
+        .enqueue(aging(Task::ok("z")))
+        .await
+        .expect("enqueue");
+    let names = vec![
+        Task::NAME.to_owned(),
+        backline_testkit::AgingTask::NAME.to_owned(),
+    ];
+    let claimed = b
+        .claim(ClaimRequest {
+            queue: "default",
+            names: &names,
+            limit: 2,
+            lease: Duration::from_secs(60),
+        })
+        .await
+        .expect("a claim across names beside bad hashes");
+    let ids: Vec<_> = claimed.iter().map(|c| c.job.id).collect();
+    assert_eq!(ids, [a, z]);
+    for (id, reason) in [
+        (bad_att, "field att: 'x' is not a number"),
+        (bad_pri, "field pri: '99' is out of range (5 to 25)"),
+    ] {
+        let j = b.get(id).await.expect("get").expect("kept");
+        assert_eq!(j.state, JobState::Dead);
+        assert_eq!(
+            j.last_error.as_deref(),
+            Some(format!("the stored job cannot be read: {reason}").as_str())
+        );
+    }
+
+    // A retry due at once of a job spoiled under its lease: dead instead, the item applied.
+    hset(&mut conn, &job_key(a), "pri", "").await;
+    let retry = |id, token| backline_core::Finish {
+        id,
+        token,
+        outcome: backline_core::Outcome::Retry {
+            delay: Duration::ZERO,
+            error: "try again".to_owned(),
+        },
+    };
+    let done = b
+        .finish(&[retry(a, claimed[0].token), retry(z, claimed[1].token)])
+        .await
+        .expect("finish beside a bad hash");
+    assert_eq!(done, [true, true]);
+    let j = b.get(a).await.expect("get").expect("kept");
+    assert_eq!(
+        (j.state, j.last_error.as_deref()),
+        (
+            JobState::Dead,
+            Some("the stored job cannot be read: field pri: '' is not a number")
+        )
+    );
+    let j = b.get(z).await.expect("get").expect("kept");
+    assert_eq!(j.state, JobState::Ready);
+
+    // A state that is no job state: `get` names it, `delete` still removes the job.
+    hset(&mut conn, &job_key(z), "state", "paused").await;
+    match b.get(z).await {
+        Err(Error::Undecodable { field, problem, .. }) => {
+            assert_eq!(
+                (field.as_str(), problem.as_str()),
+                ("field state", "'paused' is not a job state")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(b.delete(z).await.expect("delete"));
+    assert!(b.get(z).await.expect("get").is_none());
+    let c = manager.counts(None).await.expect("counts");
+    assert_eq!((c.ready, c.running, c.dead), (0, 0, 3));
+}
