@@ -89,6 +89,7 @@ end
 -- The values a dead job takes in the place of bad fields it can do without (the stored values
 -- are quoted in its `err`), so that it reads afterwards and an operator can retry it. Name,
 -- queue and payload are never invented; state, lease and fin are written by `kill` anyway.
+-- The priority becomes Normal (15), attempts 0, at most 1 attempt, no time-out, times now.
 local FIX = {pri = function() return '15' end, att = function() return '0' end,
   max = function() return '1' end, tmo = function() return '' end,
   enq = function(now) return s(now) end, run = function(now) return s(now) end}
