@@ -2,9 +2,15 @@
 //!
 //! Starts the servers that the providers' tests need, then builds and tests the whole workspace
 //! once with all features (unit, integration and doc tests) with `BACKLINE_REQUIRE_SERVICES=1`,
-//! so a provider test whose server is missing fails instead of skipping. `ARGS` go to
-//! `cargo test` (a filter, `-- --nocapture`, …). Every test binary runs even when one fails
-//! (`--no-fail-fast`), and the run ends with the totals over all of them.
+//! so a provider test whose server is missing fails instead of skipping. Every test runs even
+//! when one fails, and the run ends with the totals over all of them.
+//!
+//! With `cargo-nextest` installed (it is on the CI machines) the tests run under
+//! `cargo nextest run`: every test in its own process, tests of different binaries in parallel,
+//! the disruptive binaries in a serial group, and a time-out on every test
+//! (`.config/nextest.toml`); doc tests, which nextest does not run, follow with
+//! `cargo test --doc`. Without it, one `cargo test`. Each step prints how long it took. `ARGS`
+//! go to the test runner (a filter, …); with `ARGS` the doc tests are left out.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
@@ -32,42 +38,136 @@ pub(crate) fn needed() -> Vec<Server> {
 
 pub(crate) fn run(args: &[String]) -> Result {
     let needed = needed();
-    services::ensure(&needed)?;
-    let mut cmd = cargo();
-    cmd.env("BACKLINE_REQUIRE_SERVICES", "1")
-        .args(["test", "--workspace", "--all-features", "--no-fail-fast"])
-        .args(args);
-    let line = display(&cmd);
-    eprintln!("$ {line}");
-    // cargo test prints one summary per test binary and none for the run: pass its output
-    // through and add the totals.
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run `{line}`: {e}"))?;
-    let mut totals = Totals::default();
-    if let Some(out) = child.stdout.take() {
-        let mut reader = BufReader::new(out);
-        let mut stdout = std::io::stdout();
-        let mut buf = Vec::new();
-        while reader.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
-            totals.add(&String::from_utf8_lossy(&buf));
-            let _ = stdout.write_all(&buf);
-            let _ = stdout.flush();
-            buf.clear();
-        }
+    crate::step("services", || services::ensure(&needed))?;
+    if !nextest_available() {
+        eprintln!(
+            "cargo-nextest is not installed: running `cargo test` (slower, one process per binary)"
+        );
+        return crate::step("test", || {
+            let mut cmd = cargo();
+            cmd.env("BACKLINE_REQUIRE_SERVICES", "1")
+                .args(["test", "--workspace", "--all-features", "--no-fail-fast"])
+                .args(args);
+            counted(&mut cmd, Stream::Stdout).map(|_| ())
+        });
     }
-    let status = child
-        .wait()
-        .map_err(|e| format!("cannot wait for `{line}`: {e}"))?;
+    crate::step("build tests", || {
+        crate::exec(cargo().args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--all-features",
+            "--no-run",
+        ]))
+    })?;
+    let mut totals = Totals::default();
+    let tests = crate::step("test (nextest)", || {
+        let mut cmd = cargo();
+        cmd.env("BACKLINE_REQUIRE_SERVICES", "1")
+            .args([
+                "nextest",
+                "run",
+                "--workspace",
+                "--all-features",
+                "--no-fail-fast",
+            ])
+            .args(args);
+        let (t, r) = counted_totals(&mut cmd, Stream::Stderr);
+        totals.merge(&t);
+        r
+    });
+    let docs = if args.is_empty() {
+        crate::step("doc tests", || {
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--all-features", "--doc"]);
+            let (t, r) = counted_totals(&mut cmd, Stream::Stdout);
+            totals.merge(&t);
+            r
+        })
+    } else {
+        Ok(())
+    };
     if totals.binaries > 0 {
         println!("{}", totals.line());
     }
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("`{line}` failed ({status})"))
+    tests.and(docs)
+}
+
+/// Whether `cargo nextest` runs here.
+fn nextest_available() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Which output of a runner carries its summaries.
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Runs a test runner, passing its output through, and prints the totals of its summaries.
+fn counted(cmd: &mut std::process::Command, stream: Stream) -> Result<Totals> {
+    let (totals, r) = counted_totals(cmd, stream);
+    if totals.binaries > 0 {
+        println!("{}", totals.line());
     }
+    r.map(|()| totals)
+}
+
+/// Runs a test runner, passing its output through and adding up its summary lines.
+fn counted_totals(cmd: &mut std::process::Command, stream: Stream) -> (Totals, Result) {
+    let line = display(cmd);
+    eprintln!("$ {line}");
+    match stream {
+        Stream::Stdout => cmd.stdout(Stdio::piped()),
+        Stream::Stderr => cmd.stderr(Stdio::piped()),
+    };
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return (Totals::default(), Err(format!("cannot run `{line}`: {e}"))),
+    };
+    let mut totals = Totals::default();
+    let out: Option<Box<dyn std::io::Read>> = match stream {
+        Stream::Stdout => child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn std::io::Read>),
+        Stream::Stderr => child
+            .stderr
+            .take()
+            .map(|o| Box::new(o) as Box<dyn std::io::Read>),
+    };
+    if let Some(out) = out {
+        let mut reader = BufReader::new(out);
+        let mut buf = Vec::new();
+        while reader.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
+            totals.add(&String::from_utf8_lossy(&buf));
+            match stream {
+                Stream::Stdout => {
+                    let mut o = std::io::stdout();
+                    let _ = o.write_all(&buf);
+                    let _ = o.flush();
+                }
+                Stream::Stderr => {
+                    let mut o = std::io::stderr();
+                    let _ = o.write_all(&buf);
+                    let _ = o.flush();
+                }
+            }
+            buf.clear();
+        }
+    }
+    let result = match child.wait() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(format!("`{line}` failed ({status})")),
+        Err(e) => Err(format!("cannot wait for `{line}`: {e}")),
+    };
+    (totals, result)
 }
 
 /// The sum of cargo test's `test result:` lines.
@@ -80,13 +180,23 @@ struct Totals {
 }
 
 impl Totals {
-    /// Adds one line of output if it is a summary: `test result: ok. 3 passed; 0 failed; …`.
+    /// Adds one line of output if it is a summary: cargo test's `test result: ok. 3 passed;
+    /// 0 failed; …` or nextest's `Summary [ 12.3s] 40 tests run: 39 passed, 1 failed, 2 skipped`.
     fn add(&mut self, line: &str) {
-        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+        let line = line.trim();
+        let rest = if let Some(rest) = line.strip_prefix("test result: ") {
+            rest
+        } else if let Some(rest) = line
+            .strip_prefix("Summary [")
+            .and_then(|r| r.split_once("tests run:"))
+            .map(|(_, r)| r)
+        {
+            rest
+        } else {
             return;
         };
         self.binaries += 1;
-        for part in rest.split(['.', ';']) {
+        for part in rest.split(['.', ';', ',']) {
             let mut words = part.split_whitespace();
             let (Some(n), Some(what)) = (words.next(), words.next()) else {
                 continue;
@@ -95,10 +205,18 @@ impl Totals {
             match what {
                 "passed" => self.passed += n,
                 "failed" => self.failed += n,
-                "ignored" => self.ignored += n,
+                "ignored" | "skipped" => self.ignored += n,
                 _ => {}
             }
         }
+    }
+
+    /// Adds another runner's totals.
+    fn merge(&mut self, other: &Totals) {
+        self.binaries += other.binaries;
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.ignored += other.ignored;
     }
 
     /// `tests: 120 passed, 0 failed, 1 skipped` (ignored tests), over all test binaries.
@@ -131,5 +249,21 @@ mod tests {
             }
         );
         assert_eq!(t.line(), "tests: 37 passed, 1 failed, 1 skipped");
+    }
+
+    #[test]
+    fn nextest_summaries_are_added_up() {
+        let mut t = Totals::default();
+        t.add("     Summary [ 212.481s] 310 tests run: 308 passed, 2 failed, 1 skipped\n");
+        t.add("        PASS [   0.012s] backline-core provider::tests::time_arithmetic_saturates");
+        assert_eq!(
+            t,
+            Totals {
+                binaries: 1,
+                passed: 308,
+                failed: 2,
+                ignored: 1
+            }
+        );
     }
 }

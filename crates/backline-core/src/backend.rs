@@ -41,6 +41,31 @@ pub struct NewJob {
     pub timeout: Option<Duration>,
 }
 
+impl NewJob {
+    /// Checks a job before it is stored, whichever way it goes in ([`JobManager`](crate::JobManager)
+    /// or a provider's own transactional enqueue): a valid job name and queue
+    /// ([`validate_name`](crate::validate_name)), at least one attempt, and an encoded payload
+    /// of at most `max_payload` bytes.
+    pub fn validate(&self, max_payload: usize) -> crate::Result<()> {
+        crate::validate_name("job", &self.name)?;
+        crate::validate_name("queue", &self.queue)?;
+        if self.max_attempts == 0 {
+            return Err(crate::Error::InvalidJob(format!(
+                "job {} needs at least one attempt",
+                self.name
+            )));
+        }
+        if self.payload.len() > max_payload {
+            return Err(crate::Error::PayloadTooLarge {
+                name: self.name.clone(),
+                size: self.payload.len(),
+                limit: max_payload,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A stored job, as inspection and claims return it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
@@ -244,7 +269,21 @@ impl Counts {
 ///
 /// A call that needs a missing capability returns [`Error::Unsupported`](crate::Error::Unsupported),
 /// never a silent approximation.
+///
+/// A provider starts from [`Capabilities::NONE`] and opts in flag by flag, so that a flag added
+/// by a later version of Backline is off for it until it says otherwise (the struct is
+/// `#[non_exhaustive]`: it cannot be written as a literal outside this crate):
+///
+/// ```
+/// use backline_core::Capabilities;
+/// let caps = Capabilities::NONE
+///     .with_durable(true)
+///     .with_filter_by_name(true)
+///     .with_priorities(true);
+/// assert!(caps.durable && !caps.locks);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// Storing a job whose id exists is a no-op (a retried `enqueue` makes no second job).
     pub dedup_by_id: bool,
@@ -273,23 +312,44 @@ pub struct Capabilities {
     /// `list` answers for dead jobs (`state: Some(Dead)`) even without
     /// [`list_jobs`](Self::list_jobs): a browse of the dead letters.
     pub list_dead: bool,
+    /// Among due jobs, a higher priority runs first. Without it (RabbitMQ's quorum queues have
+    /// no priorities), due jobs run in the order they became due, whatever their priority.
+    pub priorities: bool,
 }
 
-impl Capabilities {
-    /// Every capability.
-    pub const ALL: Capabilities = Capabilities {
-        dedup_by_id: true,
-        filter_by_name: true,
-        get_job: true,
-        list_jobs: true,
-        cancel: true,
-        transactional_enqueue: true,
-        locks: true,
-        durable: true,
-        lease_expiry: true,
-        run_at_order: true,
-        list_dead: true,
+macro_rules! capability_setters {
+    ($($field:ident => $setter:ident),* $(,)?) => {
+        impl Capabilities {
+            /// No capability: where a provider starts.
+            pub const NONE: Capabilities = Capabilities { $($field: false),* };
+
+            /// Every capability (for tests and docs; a provider builds from [`NONE`](Self::NONE)).
+            pub const ALL: Capabilities = Capabilities { $($field: true),* };
+
+            $(
+                #[doc = concat!("Sets [`", stringify!($field), "`](Self::", stringify!($field), ").")]
+                pub const fn $setter(mut self, on: bool) -> Self {
+                    self.$field = on;
+                    self
+                }
+            )*
+        }
     };
+}
+
+capability_setters! {
+    dedup_by_id => with_dedup_by_id,
+    filter_by_name => with_filter_by_name,
+    get_job => with_get_job,
+    list_jobs => with_list_jobs,
+    cancel => with_cancel,
+    transactional_enqueue => with_transactional_enqueue,
+    locks => with_locks,
+    durable => with_durable,
+    lease_expiry => with_lease_expiry,
+    run_at_order => with_run_at_order,
+    list_dead => with_list_dead,
+    priorities => with_priorities,
 }
 
 /// The storage of jobs: the one trait a provider implements.
@@ -307,6 +367,22 @@ impl Capabilities {
 /// - **Fencing**: `finish` and `heartbeat` apply only with the token of the current claim.
 /// - **The backend's clock** decides when a job is due and when a lease expires.
 /// - **Bounded work**: every call touches at most the batch it was given.
+///
+/// # Optional operations
+///
+/// The methods with a default body (`get`, `list`, `cancel`, `retry_dead`, `delete`, the
+/// `lock_*` methods) are optional: the default returns
+/// [`Error::Unsupported`](crate::Error::Unsupported), so a provider that cannot do one writes
+/// nothing for it, and says so in [`capabilities`](Self::capabilities) (the conformance suite
+/// checks, inside each scenario, that the two agree). A new optional operation is added the
+/// same way, once, here:
+///
+/// 1. a method with a default body that returns `Error::unsupported(self.name(), "what")`;
+/// 2. a [`Capabilities`] flag, off in [`Capabilities::NONE`], that providers opt into;
+/// 3. a conformance scenario that exercises it where the flag is on and asserts
+///    `Unsupported` where it is off.
+///
+/// No provider needs to change for the new version to build.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// A short name for logs and errors (`"memory"`, `"postgres"`, …).
@@ -355,34 +431,64 @@ pub trait Backend: Send + Sync + 'static {
     async fn maintain(&self, m: &Maintenance) -> Result<MaintenanceReport>;
 
     /// One job by id.
-    async fn get(&self, id: JobId) -> Result<Option<Job>>;
+    async fn get(&self, id: JobId) -> Result<Option<Job>> {
+        let _ = id;
+        Err(crate::Error::unsupported(
+            self.name(),
+            "getting a job by id",
+        ))
+    }
 
     /// Jobs matching a filter, ordered by id.
-    async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>>;
+    async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
+        let _ = filter;
+        Err(crate::Error::unsupported(self.name(), "listing jobs"))
+    }
 
     /// How many jobs are in each state, for one queue or all.
     async fn counts(&self, queue: Option<&str>) -> Result<Counts>;
 
     /// Removes a waiting job (scheduled, ready or retrying); `false` if it was not waiting.
-    async fn cancel(&self, id: JobId) -> Result<bool>;
+    async fn cancel(&self, id: JobId) -> Result<bool> {
+        let _ = id;
+        Err(crate::Error::unsupported(self.name(), "cancelling a job"))
+    }
 
     /// Makes a dead job ready again with a fresh set of attempts; `false` if it was not dead.
-    async fn retry_dead(&self, id: JobId) -> Result<bool>;
+    async fn retry_dead(&self, id: JobId) -> Result<bool> {
+        let _ = id;
+        Err(crate::Error::unsupported(
+            self.name(),
+            "retrying a dead job",
+        ))
+    }
 
     /// Removes a job that is not running; `false` if there was none (or it is running).
-    async fn delete(&self, id: JobId) -> Result<bool>;
+    async fn delete(&self, id: JobId) -> Result<bool> {
+        let _ = id;
+        Err(crate::Error::unsupported(self.name(), "deleting a job"))
+    }
 
     /// Removes every job in `state` (never `Running`), for one queue or all; returns how many.
     async fn purge(&self, state: JobState, queue: Option<&str>) -> Result<u64>;
 
     /// Takes the named lock for `ttl` if it is free or expired (or held by `owner`).
-    async fn lock_acquire(&self, name: &str, owner: LeaseToken, ttl: Duration) -> Result<bool>;
+    async fn lock_acquire(&self, name: &str, owner: LeaseToken, ttl: Duration) -> Result<bool> {
+        let _ = (name, owner, ttl);
+        Err(crate::Error::unsupported(self.name(), "distributed locks"))
+    }
 
     /// Extends the lock if `owner` still holds it.
-    async fn lock_renew(&self, name: &str, owner: LeaseToken, ttl: Duration) -> Result<bool>;
+    async fn lock_renew(&self, name: &str, owner: LeaseToken, ttl: Duration) -> Result<bool> {
+        let _ = (name, owner, ttl);
+        Err(crate::Error::unsupported(self.name(), "distributed locks"))
+    }
 
     /// Releases the lock if `owner` holds it.
-    async fn lock_release(&self, name: &str, owner: LeaseToken) -> Result<bool>;
+    async fn lock_release(&self, name: &str, owner: LeaseToken) -> Result<bool> {
+        let _ = (name, owner);
+        Err(crate::Error::unsupported(self.name(), "distributed locks"))
+    }
 }
 
 impl std::fmt::Debug for dyn Backend {

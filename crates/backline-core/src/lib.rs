@@ -4,10 +4,12 @@
 mod backend;
 mod error;
 mod job;
+mod job_manager;
 mod lock;
-mod manager;
+pub mod provider;
 mod retry;
 mod server;
+mod util;
 mod worker;
 
 pub use backend::{
@@ -19,10 +21,10 @@ pub use job::{
     BackgroundJob, Extensions, FailureKind, JobArgs, JobContext, JobError, JobId, JobState,
     Priority,
 };
-pub use lock::DistributedLock;
-pub use manager::{
+pub use job_manager::{
     validate_name, EnqueueOptions, IntoBackend, JobManager, DEFAULT_MAX_PAYLOAD, DEFAULT_QUEUE,
 };
+pub use lock::DistributedLock;
 pub use retry::RetryPolicy;
 pub use server::{JobServer, JobServerBuilder, ServerConfig, ServerHandle};
 #[cfg(feature = "cron")]

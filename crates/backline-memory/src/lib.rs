@@ -6,12 +6,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use backline_core::provider::{lease_expired, lock_unpoisoned, saturating_add, WakeSignals};
 use backline_core::{
     Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, Finish, Job, JobFilter, JobId,
     JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome, Result, RunAt,
 };
 use chrono::{DateTime, Utc};
-use tokio::sync::watch;
 
 /// The most due delayed jobs one claim promotes before it claims (bounded work).
 const PROMOTE_PER_CLAIM: usize = 10_000;
@@ -41,7 +41,7 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
-    signals: Mutex<HashMap<String, watch::Sender<u64>>>,
+    signals: WakeSignals,
 }
 
 /// The in-memory provider: the whole Backline contract inside one process.
@@ -67,16 +67,12 @@ impl std::fmt::Debug for MemoryBackend {
     }
 }
 
-fn to_chrono(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
-fn poisoned() -> Error {
-    Error::Backend {
-        backend: "memory",
-        op: "lock",
-        source: "the store's mutex was poisoned by a panic".into(),
-    }
+/// `t - d`, or the earliest representable time where that overflows.
+fn before(t: Time, d: Duration) -> Time {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_sub_signed(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 impl State {
@@ -168,28 +164,20 @@ impl MemoryBackend {
         MemoryBackend {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
-                signals: Mutex::new(HashMap::new()),
+                signals: WakeSignals::default(),
             }),
         }
     }
 
+    /// The store. A panic while it was held (none is expected: every section is short and
+    /// panic-free) leaves it as it was, so later calls go on.
     fn state(&self) -> Result<MutexGuard<'_, State>> {
-        self.shared.state.lock().map_err(|_| poisoned())
-    }
-
-    fn signal(&self, queue: &str) -> watch::Sender<u64> {
-        let mut map = match self.shared.signals.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        map.entry(queue.to_owned())
-            .or_insert_with(|| watch::channel(0).0)
-            .clone()
+        Ok(lock_unpoisoned(&self.shared.state))
     }
 
     fn notify<'a>(&self, queues: impl IntoIterator<Item = &'a String>) {
         for q in queues {
-            self.signal(q).send_modify(|v| *v += 1);
+            self.shared.signals.bump(q);
         }
     }
 }
@@ -201,11 +189,19 @@ impl Backend for MemoryBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            transactional_enqueue: false,
-            durable: false,
-            ..Capabilities::ALL
-        }
+        Capabilities::NONE
+            .with_dedup_by_id(true)
+            .with_filter_by_name(true)
+            .with_get_job(true)
+            .with_list_jobs(true)
+            .with_cancel(true)
+            .with_transactional_enqueue(false)
+            .with_locks(true)
+            .with_durable(false)
+            .with_lease_expiry(true)
+            .with_run_at_order(true)
+            .with_list_dead(true)
+            .with_priorities(true)
     }
 
     async fn push(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>> {
@@ -221,7 +217,7 @@ impl Backend for MemoryBackend {
                 }
                 let run_at = match new.run_at {
                     RunAt::Now => now,
-                    RunAt::After(d) => now + to_chrono(d),
+                    RunAt::After(d) => saturating_add(now, d),
                     RunAt::At(t) => t,
                 };
                 let due = run_at <= now;
@@ -263,7 +259,7 @@ impl Backend for MemoryBackend {
 
     async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {
         let now = Utc::now();
-        let lease_until = now + to_chrono(req.lease);
+        let lease_until = saturating_add(now, req.lease);
         let mut out = Vec::with_capacity(req.limit.min(1024));
         let mut st = self.state()?;
         let promoted = st.promote(now, PROMOTE_PER_CLAIM);
@@ -339,7 +335,7 @@ impl Backend for MemoryBackend {
                         st.succeeded.insert((now, f.id));
                     }
                     Outcome::Retry { delay, error } => {
-                        let run_at = now + to_chrono(*delay);
+                        let run_at = saturating_add(now, *delay);
                         if let Some(e) = st.jobs.get_mut(&f.id) {
                             e.job.last_error = Some(error.clone());
                             e.job.run_at = run_at;
@@ -379,7 +375,7 @@ impl Backend for MemoryBackend {
         leases: &[(JobId, LeaseToken)],
         lease: Duration,
     ) -> Result<Vec<bool>> {
-        let until = Utc::now() + to_chrono(lease);
+        let until = saturating_add(Utc::now(), lease);
         let mut st = self.state()?;
         let mut held = Vec::with_capacity(leases.len());
         for (id, token) in leases {
@@ -404,23 +400,13 @@ impl Backend for MemoryBackend {
     }
 
     async fn wait(&self, queue: &str, seen: u64, timeout: Duration) -> Result<u64> {
-        let mut rx = self.signal(queue).subscribe();
-        let current = *rx.borrow_and_update();
-        if current != seen {
-            return Ok(current);
-        }
         // Wake for the earliest delayed job too, so delays are honoured without polling.
         let mut deadline = timeout;
         if let Some(&(at, _)) = self.state()?.delayed.first() {
             let until = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
             deadline = deadline.min(until + Duration::from_millis(1));
         }
-        tokio::select! {
-            _ = rx.changed() => {}
-            _ = tokio::time::sleep(deadline) => {}
-        }
-        let v = *rx.borrow();
-        Ok(v)
+        Ok(self.shared.signals.wait(queue, seen, deadline).await)
     }
 
     async fn maintain(&self, m: &Maintenance) -> Result<MaintenanceReport> {
@@ -446,19 +432,11 @@ impl Backend for MemoryBackend {
                 let (attempt, max, queue) =
                     (e.job.attempt, e.job.max_attempts, e.job.queue.clone());
                 if attempt >= max {
-                    st.finish_dead(
-                        id,
-                        now,
-                        format!(
-                            "lease expired: the worker was lost during attempt {attempt} of {max}"
-                        ),
-                    );
+                    st.finish_dead(id, now, lease_expired(attempt, max));
                     report.expired_dead += 1;
                 } else {
                     if let Some(e) = st.jobs.get_mut(&id) {
-                        e.job.last_error = Some(format!(
-                            "lease expired: the worker was lost during attempt {attempt}"
-                        ));
+                        e.job.last_error = Some(lease_expired(attempt, max));
                     }
                     st.make_ready(id);
                     report.recovered += 1;
@@ -466,7 +444,7 @@ impl Backend for MemoryBackend {
                 }
             }
             for (ttl, dead) in [(m.succeeded_ttl, false), (m.dead_ttl, true)] {
-                let cutoff = now - to_chrono(ttl);
+                let cutoff = before(now, ttl);
                 while (report.pruned as usize) < m.batch {
                     let set = if dead {
                         &mut st.dead
@@ -599,7 +577,7 @@ impl Backend for MemoryBackend {
         };
         if free {
             st.locks
-                .insert(name.to_owned(), (owner, now + to_chrono(ttl)));
+                .insert(name.to_owned(), (owner, saturating_add(now, ttl)));
         }
         Ok(free)
     }
@@ -609,7 +587,7 @@ impl Backend for MemoryBackend {
         let mut st = self.state()?;
         match st.locks.get_mut(name) {
             Some((holder, until)) if *holder == owner && *until > now => {
-                *until = now + to_chrono(ttl);
+                *until = saturating_add(now, ttl);
                 Ok(true)
             }
             _ => Ok(false),

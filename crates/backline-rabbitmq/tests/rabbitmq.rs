@@ -13,39 +13,23 @@ use backline_core::{
     JobManager, JobServer, JobState, Outcome,
 };
 use backline_rabbitmq::{QueueKind, QueueNaming, RabbitMqBackend, RabbitMqConfig};
+use backline_testkit::service::RABBITMQ;
 use backline_testkit::{eventually, fast_config, Action, Recorder, Task, TaskHandler};
-use tokio::sync::OnceCell;
 
 fn url() -> String {
-    std::env::var("BACKLINE_AMQP_URL").unwrap_or_else(|_| backline_rabbitmq::DEFAULT_URL.to_owned())
+    RABBITMQ.url()
 }
 
-static REACHABLE: OnceCell<bool> = OnceCell::const_new();
-
 async fn reachable() -> bool {
-    *REACHABLE
-        .get_or_init(|| async {
-            let config = RabbitMqConfig::new(url())
+    RABBITMQ
+        .reachable(|url| async move {
+            let config = RabbitMqConfig::new(url)
                 .with_prefix(fresh_prefix())
                 .with_connect_timeout(Duration::from_secs(5))
                 .with_reconnect_attempts(0);
-            match RabbitMqBackend::connect(config).await {
-                Ok(b) => {
-                    b.close().await;
-                    true
-                }
-                Err(e) => {
-                    let msg = format!(
-                        "RabbitMQ at {} is unreachable ({e}); start it (`cargo xtask services up`)",
-                        backline_core::redact_url(&url())
-                    );
-                    if backline_testkit::require_services() {
-                        panic!("{msg}");
-                    }
-                    eprintln!("\n!!!!!!!!!! SKIPPING RABBITMQ TESTS: {msg} !!!!!!!!!!\n");
-                    false
-                }
-            }
+            let b = RabbitMqBackend::connect(config).await?;
+            b.close().await;
+            Ok::<_, backline_core::Error>(())
         })
         .await
 }
@@ -67,6 +51,8 @@ async fn connect(prefix: &str) -> RabbitMqBackend {
 /// A fresh prefix per backend; `twin` opens another connection on the same prefix. Dropping
 /// the harness deletes every queue its backends declared.
 struct RabbitHarness {
+    /// Quorum work queues instead of classic ones.
+    quorum: bool,
     prefixes: Mutex<Vec<String>>,
     backends: Mutex<Vec<RabbitMqBackend>>,
     twins: std::sync::atomic::AtomicBool,
@@ -136,6 +122,7 @@ async fn delete_queues(queues: Vec<String>) {
 
 async fn harness() -> Option<RabbitHarness> {
     reachable().await.then(|| RabbitHarness {
+        quorum: false,
         prefixes: Mutex::new(Vec::new()),
         backends: Mutex::new(Vec::new()),
         twins: std::sync::atomic::AtomicBool::new(false),
@@ -153,7 +140,18 @@ impl RabbitHarness {
     }
 
     async fn make(&self, prefix: &str) -> RabbitMqBackend {
-        let b = connect(prefix).await;
+        let b = if self.quorum {
+            RabbitMqBackend::connect(
+                RabbitMqConfig::new(url())
+                    .with_prefix(prefix)
+                    .with_connection_name(format!("{prefix}-quorum"))
+                    .with_queue_kind(QueueKind::Quorum { delivery_limit: 5 }),
+            )
+            .await
+            .expect("connect to RabbitMQ")
+        } else {
+            connect(prefix).await
+        };
         self.backends.lock().expect("harness lock").push(b.clone());
         b
     }
@@ -1253,4 +1251,16 @@ async fn counts_create_nothing_and_retention_reaches_other_handles_dead_letters(
         .expect("maintain");
     assert_eq!(report.pruned, 1);
     assert_eq!(operator.counts(None).await.expect("counts").dead, 0);
+}
+
+/// Quorum queues have no priorities (RabbitMQ 3.10): the backend says so, and the priority
+/// scenario of the suite asserts FIFO order for it instead.
+#[tokio::test]
+async fn quorum_queues_declare_no_priorities_and_run_fifo() {
+    let Some(mut h) = harness().await else { return };
+    h.quorum = true;
+    let b = backline_testkit::Harness::backend(&h).await;
+    assert!(!b.capabilities().priorities);
+    drop(b);
+    backline_testkit::scenarios::higher_priority_runs_first(&h).await;
 }

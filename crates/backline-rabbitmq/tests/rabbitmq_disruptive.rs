@@ -19,27 +19,30 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 fn url() -> String {
-    std::env::var("BACKLINE_AMQP_URL").unwrap_or_else(|_| backline_rabbitmq::DEFAULT_URL.to_owned())
+    backline_testkit::service::RABBITMQ.url()
 }
 
 async fn connect(prefix: &str, name: &str) -> Option<RabbitMqBackend> {
     let config = RabbitMqConfig::new(url())
         .with_prefix(prefix)
         .with_connection_name(name);
-    match RabbitMqBackend::connect(config).await {
-        Ok(b) => Some(b),
-        Err(e) => {
-            let msg = format!(
-                "RabbitMQ at {} is unreachable ({e}); start it (`cargo xtask services up`)",
-                backline_core::redact_url(&url())
-            );
-            if backline_testkit::require_services() {
-                panic!("{msg}");
-            }
-            eprintln!("\n!!!!!!!!!! SKIPPING RABBITMQ DISRUPTIVE TESTS: {msg} !!!!!!!!!!\n");
-            None
-        }
+    let up = backline_testkit::service::RABBITMQ
+        .reachable(|url| async move {
+            let probe = RabbitMqConfig::new(url)
+                .with_prefix(format!("{prefix}-probe"))
+                .with_reconnect_attempts(0);
+            RabbitMqBackend::connect(probe).await?.close().await;
+            Ok::<_, backline_core::Error>(())
+        })
+        .await;
+    if !up {
+        return None;
     }
+    Some(
+        RabbitMqBackend::connect(config)
+            .await
+            .expect("connect to RabbitMQ"),
+    )
 }
 
 /// The broker's pid of the connection named `name` (`rabbitmqctl list_connections`).

@@ -286,10 +286,7 @@ pub(crate) fn token_from_db(v: i64) -> LeaseToken {
     LeaseToken(u64::from_ne_bytes(v.to_ne_bytes()))
 }
 
-/// Microseconds of a duration, saturating.
-pub(crate) fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
+pub(crate) use backline_core::provider::micros;
 
 /// Milliseconds of an optional timeout, saturating.
 pub(crate) fn timeout_ms(d: Option<Duration>) -> Option<i64> {
@@ -388,49 +385,9 @@ pub(crate) fn map_err(backend: &'static str, op: &'static str) -> impl Fn(sqlx::
     }
 }
 
-/// Per-queue wake-up counters fed by pushes in this process (and NOTIFY on PostgreSQL).
-#[derive(Default)]
-pub(crate) struct Signals {
-    map: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
-}
-
-impl Signals {
-    pub(crate) fn sender(&self, queue: &str) -> tokio::sync::watch::Sender<u64> {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(queue.to_owned())
-            .or_insert_with(|| tokio::sync::watch::channel(0).0)
-            .clone()
-    }
-
-    /// Wakes the waiters of one queue.
-    pub(crate) fn bump(&self, queue: &str) {
-        self.sender(queue).send_modify(|v| *v = v.wrapping_add(1));
-    }
-
-    /// Wakes every waiter (after a lost connection, when notifications may have been missed).
-    #[cfg(any(feature = "postgres", feature = "mysql"))]
-    pub(crate) fn bump_all(&self) {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        for tx in map.values() {
-            tx.send_modify(|v| *v = v.wrapping_add(1));
-        }
-    }
-
-    /// Waits for a push to `queue` newer than `seen`, or `timeout`.
-    pub(crate) async fn wait(&self, queue: &str, seen: u64, timeout: Duration) -> u64 {
-        let mut rx = self.sender(queue).subscribe();
-        let current = *rx.borrow_and_update();
-        if current != seen {
-            return current;
-        }
-        tokio::select! {
-            _ = rx.changed() => {}
-            _ = tokio::time::sleep(timeout) => {}
-        }
-        let v = *rx.borrow();
-        v
-    }
-}
+/// Per-queue wake-up counters fed by pushes in this process (and NOTIFY on PostgreSQL): core's
+/// toolkit type.
+pub(crate) type Signals = backline_core::provider::WakeSignals;
 
 /// Opens one connection and closes it, so that an unreachable server is reported with its real
 /// cause ("connection refused", "unknown database") instead of the pool's "timed out".

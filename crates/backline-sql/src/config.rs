@@ -127,6 +127,7 @@ pub struct SqlConfig {
     pub(crate) poll_interval: Duration,
     pub(crate) sqlite_sync: SqliteSync,
     pub(crate) busy_timeout: Duration,
+    pub(crate) max_payload: usize,
 }
 
 impl fmt::Debug for SqlConfig {
@@ -140,6 +141,7 @@ impl fmt::Debug for SqlConfig {
             .field("poll_interval", &self.poll_interval)
             .field("sqlite_sync", &self.sqlite_sync)
             .field("busy_timeout", &self.busy_timeout)
+            .field("max_payload", &self.max_payload)
             .finish()
     }
 }
@@ -158,6 +160,7 @@ impl SqlConfig {
             poll_interval: Duration::from_secs(1),
             sqlite_sync: SqliteSync::Full,
             busy_timeout: Duration::from_secs(10),
+            max_payload: backline_core::DEFAULT_MAX_PAYLOAD,
         }
     }
 
@@ -186,6 +189,15 @@ impl SqlConfig {
     /// name as a prefix (`{table}_locks`).
     pub fn with_table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
+        self
+    }
+
+    /// The largest encoded payload [`SqlBackend::enqueue_in`](crate::SqlBackend::enqueue_in)
+    /// stores (default [`DEFAULT_MAX_PAYLOAD`](backline_core::DEFAULT_MAX_PAYLOAD), 1 MiB, as
+    /// [`JobManager`](backline_core::JobManager)'s): a larger job is
+    /// [`Error::PayloadTooLarge`].
+    pub fn with_max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
         self
     }
 

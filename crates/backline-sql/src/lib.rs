@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backline_core::{
-    validate_name, Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, Finish, Job,
-    JobFilter, JobId, JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Result,
+    Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, Finish, Job, JobFilter, JobId,
+    JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Result,
 };
 use futures_util::future::BoxFuture;
 
@@ -49,6 +49,7 @@ pub struct SqlBackend {
     ops: Arc<dyn DriverOps>,
     driver: Driver,
     table: Arc<TableName>,
+    max_payload: usize,
 }
 
 /// What every driver does beyond [`Backend`].
@@ -138,6 +139,7 @@ impl SqlBackend {
             ops,
             driver,
             table: Arc::new(table),
+            max_payload: config.max_payload,
         };
         if config.migrate_on_connect {
             backend.migrate().await?;
@@ -216,21 +218,18 @@ impl SqlBackend {
         Ok(id)
     }
 
-    /// Stores several jobs on the caller's connection, inside its transaction.
+    /// Stores several jobs on the caller's connection, inside its transaction (all or none).
+    ///
+    /// Each job is checked first ([`NewJob::validate`]): a bad name or queue, no attempt, or a
+    /// payload over [`SqlConfig::with_max_payload`] fails the call before anything is written.
     pub async fn enqueue_batch_in<C: EnqueueConnection + ?Sized>(
         &self,
         conn: &mut C,
         jobs: Vec<NewJob>,
     ) -> Result<Vec<JobId>> {
+        // The same checks as JobManager's, the payload limit included.
         for job in &jobs {
-            validate_name("job", &job.name)?;
-            validate_name("queue", &job.queue)?;
-            if job.max_attempts == 0 {
-                return Err(Error::InvalidJob(format!(
-                    "job {} needs at least one attempt",
-                    job.name
-                )));
-            }
+            job.validate(self.max_payload)?;
         }
         if !jobs.is_empty() {
             conn.push_jobs(self, &jobs).await?;

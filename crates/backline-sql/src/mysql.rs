@@ -111,12 +111,7 @@ fn unreadable_id() -> String {
     "with an unreadable id".to_owned()
 }
 
-fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(d)
-        .ok()
-        .and_then(|d| t.checked_add_signed(d))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
+use backline_core::provider::saturating_add as add;
 
 /// The MySQL/MariaDB backend behind [`SqlBackend`](crate::SqlBackend).
 pub(crate) struct MySqlBackend {
@@ -373,7 +368,19 @@ impl Backend for MySqlBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::ALL
+        Capabilities::NONE
+            .with_dedup_by_id(true)
+            .with_filter_by_name(true)
+            .with_get_job(true)
+            .with_list_jobs(true)
+            .with_cancel(true)
+            .with_transactional_enqueue(true)
+            .with_locks(true)
+            .with_durable(true)
+            .with_lease_expiry(true)
+            .with_run_at_order(true)
+            .with_list_dead(true)
+            .with_priorities(true)
     }
 
     async fn push(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>> {

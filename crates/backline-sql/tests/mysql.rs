@@ -42,6 +42,16 @@ async fn a_rolled_back_transaction_leaves_no_job() {
 }
 
 #[tokio::test]
+async fn an_oversized_job_is_refused_in_a_transaction() {
+    if !reachable().await {
+        return;
+    }
+    let b = connect(&fresh_table()).await;
+    let pool = b.mysql_pool().expect("mysql").clone();
+    support::an_oversized_job_is_refused_in_a_transaction(&b, &pool).await;
+}
+
+#[tokio::test]
 async fn the_claim_reads_the_claim_index_without_sorting() {
     if !reachable().await {
         return;

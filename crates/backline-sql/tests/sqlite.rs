@@ -122,6 +122,13 @@ async fn a_rolled_back_transaction_leaves_no_job() {
 }
 
 #[tokio::test]
+async fn an_oversized_job_is_refused_in_a_transaction() {
+    let b = connect(&fresh_url()).await;
+    let pool = b.sqlite_pool().expect("sqlite").clone();
+    support::an_oversized_job_is_refused_in_a_transaction(&b, &pool).await;
+}
+
+#[tokio::test]
 async fn the_claim_reads_the_claim_index_without_sorting() {
     let b = connect(&fresh_url()).await;
     let manager = JobManager::new(b.clone());

@@ -24,6 +24,7 @@
 mod jobs;
 mod macros;
 pub mod scenarios;
+pub mod service;
 
 use std::future::Future;
 use std::sync::Arc;

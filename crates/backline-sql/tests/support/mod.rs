@@ -286,3 +286,46 @@ pub(crate) async fn version_1(url: &str, table: &str) -> SqlBackend {
     b.migrate_to(1).await.expect("migrate to version 1");
     b
 }
+
+/// `enqueue_in` checks a job as `JobManager` does, the payload limit included: a job over
+/// [`SqlConfig::with_max_payload`] is refused before anything is written, and the transaction
+/// stays usable.
+pub(crate) async fn an_oversized_job_is_refused_in_a_transaction<DB>(
+    b: &SqlBackend,
+    pool: &sqlx::Pool<DB>,
+) where
+    DB: sqlx::Database,
+    DB::Connection: backline_sql::EnqueueConnection,
+{
+    use backline_core::{EnqueueOptions, Error, JobManager};
+    use backline_testkit::Task;
+
+    // A manager with a larger limit prepares it; the backend's own limit (1 MiB) refuses it.
+    let manager = JobManager::new(b.clone()).with_max_payload(4 << 20);
+    let big = manager
+        .prepare(
+            &Task::new("big", backline_testkit::Action::Pad("x".repeat(2 << 20))),
+            EnqueueOptions::new(),
+        )
+        .expect("prepare");
+    let small = manager
+        .prepare(&Task::ok("small"), EnqueueOptions::new())
+        .expect("prepare");
+    let mut tx = pool.begin().await.expect("begin");
+    let e = b
+        .enqueue_batch_in(&mut *tx, vec![small.clone(), big])
+        .await
+        .expect_err("an oversized payload is refused");
+    assert!(matches!(e, Error::PayloadTooLarge { .. }), "got {e}");
+    let kept = b
+        .enqueue_in(&mut *tx, small)
+        .await
+        .expect("the transaction goes on");
+    tx.commit().await.expect("commit");
+    assert!(manager.get(kept).await.expect("get").is_some());
+    assert_eq!(
+        manager.counts(None).await.expect("counts").total(),
+        1,
+        "only the small job"
+    );
+}

@@ -212,22 +212,7 @@ impl JobManager {
 
     /// Checks a prepared job against the limits.
     pub fn check(&self, job: &NewJob) -> Result<()> {
-        validate_name("job", &job.name)?;
-        validate_name("queue", &job.queue)?;
-        if job.max_attempts == 0 {
-            return Err(Error::InvalidJob(format!(
-                "job {} needs at least one attempt",
-                job.name
-            )));
-        }
-        if job.payload.len() > self.max_payload {
-            return Err(Error::PayloadTooLarge {
-                name: job.name.clone(),
-                size: job.payload.len(),
-                limit: self.max_payload,
-            });
-        }
-        Ok(())
+        job.validate(self.max_payload)
     }
 
     /// Enqueues a job with its type's defaults; returns its id once it is stored.
