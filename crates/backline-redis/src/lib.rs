@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backline_core::{
-    Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, Finish, Job, JobFilter, JobId,
-    JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome, Priority, Result, RunAt,
+    Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, ErrorChain, Finish, Job,
+    JobFilter, JobId, JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome,
+    Priority, Result, RunAt,
 };
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, RedisError, Value};
 
@@ -59,21 +60,6 @@ fn map_err(op: &'static str) -> impl Fn(RedisError) -> Error {
 
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
-}
-
-fn state_str(s: JobState) -> &'static str {
-    match s {
-        JobState::Scheduled => "scheduled",
-        JobState::Ready => "ready",
-        JobState::Running => "running",
-        JobState::Retrying => "retrying",
-        JobState::Succeeded => "succeeded",
-        JobState::Dead => "dead",
-    }
-}
-
-fn parse_state(s: &str) -> Option<JobState> {
-    JobState::ALL.into_iter().find(|st| state_str(*st) == s)
 }
 
 /// The keys of one queue; all share the hash tag `{prefix:queue}`, so a script on them runs
@@ -131,10 +117,6 @@ fn int(v: &Value) -> Option<i64> {
     }
 }
 
-fn time(v: &Value) -> Option<DateTime<Utc>> {
-    int(v).and_then(DateTime::from_timestamp_millis)
-}
-
 fn array(v: Value) -> Vec<Value> {
     match v {
         Value::Array(a) | Value::Set(a) => a,
@@ -142,30 +124,186 @@ fn array(v: Value) -> Vec<Value> {
     }
 }
 
-/// A job from `[id, name, queue, payload, pri, state, att, max, tmo, enq, run, err, lease, fin]`.
-fn parse_job(v: &[Value]) -> Option<Job> {
-    if v.len() < 14 {
-        return None;
-    }
-    let id = JobId::from_uuid(text(&v[0])?.parse().ok()?);
-    let mut job = Job::new(id, text(&v[1])?, text(&v[2])?, bytes(&v[3])?.to_vec());
-    job.priority = Priority::from_value(int(&v[4])?.clamp(0, 1000) as i16);
-    job.state = parse_state(&text(&v[5])?)?;
-    job.attempt = u32::try_from(int(&v[6])?).unwrap_or(0);
-    job.max_attempts = u32::try_from(int(&v[7])?).unwrap_or(1);
-    job.timeout = int(&v[8]).map(|t| Duration::from_millis(t.max(0) as u64));
-    job.enqueued_at = time(&v[9])?;
-    job.run_at = time(&v[10])?;
-    job.last_error = text(&v[11]);
-    job.lease_until = time(&v[12]);
-    job.finished_at = time(&v[13]);
-    Some(job)
-}
-
+/// The hash fields of a job, in the order of the scripts' `F` (a row is the id, then these).
 const FIELDS: [&str; 13] = [
     "name", "queue", "payload", "pri", "state", "att", "max", "tmo", "enq", "run", "err", "lease",
     "fin",
 ];
+
+/// A part of a stored job that is missing or holds a value Backline never writes there (a
+/// hash rewritten by hand, by a migration script or by another client).
+#[derive(Debug)]
+struct BadField {
+    /// Where the value is: `field NAME` for a hash field, or `id in the key`.
+    field: String,
+    /// What is wrong with the value, quoting it.
+    problem: String,
+}
+
+impl BadField {
+    fn new(field: &str, problem: impl Into<String>) -> Self {
+        BadField {
+            field: format!("field {field}"),
+            problem: problem.into(),
+        }
+    }
+
+    /// The typed error of `get`, and what `list` and the claim log: `job` is the id as stored.
+    fn error(&self, job: &str) -> Error {
+        Error::Undecodable {
+            backend: NAME,
+            job: job.to_owned(),
+            field: self.field.clone(),
+            problem: self.problem.clone(),
+        }
+    }
+
+    /// The `err` of a job made dead for this, worded as the scripts' `kill` words it.
+    fn reason(&self) -> String {
+        format!(
+            "the stored job cannot be read: {}: {}",
+            self.field, self.problem
+        )
+    }
+}
+
+/// A stored value quoted for a message: its first 64 bytes (as the scripts quote it), as text.
+fn quoted(b: &[u8]) -> String {
+    if b.len() > 64 {
+        format!("'{}…'", String::from_utf8_lossy(&b[..64]))
+    } else {
+        format!("'{}'", String::from_utf8_lossy(b))
+    }
+}
+
+/// An integer as the scripts store it: an optional minus and 1 to 15 digits (exact in a Lua
+/// double). The same rule as `problem` in the scripts' prelude.
+fn stored_int(b: &[u8]) -> Option<i64> {
+    let digits = b.strip_prefix(b"-").unwrap_or(b);
+    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+/// A job from a row `[id, FIELDS…]` (an `HMGET` of [`FIELDS`] after the id), or the first part
+/// that does not read.
+///
+/// The rules are those of the scripts' prelude (keep the two in step): integers as
+/// [`stored_int`] reads them, the priority within the five levels (5 to 25), attempts from 0,
+/// at least one attempt allowed, time-out not negative; the time-out, lease and finish time may
+/// be absent or empty; name, queue, payload and state must be present, the state one of the six.
+/// Nothing is clamped or defaulted: a value out of its range is reported, not hidden.
+fn parse_job(v: &[Value]) -> Result<Job, BadField> {
+    // Index `i` of the row is FIELDS[i - 1]; `None` for an absent field.
+    let at = |i: usize| v.get(i).and_then(bytes);
+    let name = |i: usize| {
+        i.checked_sub(1)
+            .and_then(|j| FIELDS.get(j))
+            .copied()
+            .unwrap_or("id")
+    };
+    let present = |i: usize| at(i).ok_or_else(|| BadField::new(name(i), "missing"));
+    let number = |b: &[u8], i: usize| {
+        stored_int(b)
+            .ok_or_else(|| BadField::new(name(i), format!("{} is not a number", quoted(b))))
+    };
+    let ranged = |i: usize, lo: i64, hi: i64| {
+        let b = present(i)?;
+        let n = number(b, i)?;
+        if n < lo || n > hi {
+            return Err(BadField::new(
+                name(i),
+                format!("{} is out of range ({lo} to {hi})", quoted(b)),
+            ));
+        }
+        Ok(n)
+    };
+    let optional = |i: usize| match at(i) {
+        None | Some(b"") => Ok(None),
+        Some(b) => number(b, i).map(Some),
+    };
+    let to_time = |i: usize, ms: i64| {
+        DateTime::from_timestamp_millis(ms)
+            .ok_or_else(|| BadField::new(name(i), format!("{ms} ms is out of range as a time")))
+    };
+    let required_time = |i: usize| {
+        let b = present(i)?;
+        to_time(i, number(b, i)?)
+    };
+    let optional_time = |i: usize| optional(i)?.map(|ms| to_time(i, ms)).transpose();
+    let text_of = |i: usize| present(i).map(|b| String::from_utf8_lossy(b).into_owned());
+
+    let id = at(0).unwrap_or_default();
+    let id = std::str::from_utf8(id)
+        .ok()
+        .and_then(|s| s.parse::<uuid::Uuid>().ok())
+        .ok_or_else(|| BadField {
+            field: "id in the key".to_owned(),
+            problem: format!("{} is not a UUID", quoted(id)),
+        })?;
+    let state = text_of(5)?;
+    let state = JobState::parse(&state).ok_or_else(|| {
+        BadField::new(
+            "state",
+            format!("{} is not a job state", quoted(state.as_bytes())),
+        )
+    })?;
+    let levels = i64::from(Priority::Low.value())..=i64::from(Priority::High.value());
+    let priority = ranged(4, *levels.start(), *levels.end())?;
+    let timeout = match optional(8)? {
+        None => None,
+        Some(ms) if ms >= 0 => Some(Duration::from_millis(ms.unsigned_abs())),
+        Some(_) => {
+            let b = at(8).unwrap_or_default();
+            return Err(BadField::new("tmo", format!("{} is below 0", quoted(b))));
+        }
+    };
+    let u32_max = i64::from(u32::MAX);
+    let mut job = Job::new(
+        JobId::from_uuid(id),
+        text_of(1)?,
+        text_of(2)?,
+        present(3)?.to_vec(),
+    );
+    job.priority = Priority::from_value(i16::try_from(priority).unwrap_or_default());
+    job.state = state;
+    job.attempt = u32::try_from(ranged(6, 0, u32_max)?).unwrap_or_default();
+    job.max_attempts = u32::try_from(ranged(7, 1, u32_max)?).unwrap_or(1);
+    job.timeout = timeout;
+    job.enqueued_at = required_time(9)?;
+    job.run_at = required_time(10)?;
+    job.last_error = at(11).map(|b| String::from_utf8_lossy(b).into_owned());
+    job.lease_until = optional_time(12)?;
+    job.finished_at = optional_time(13)?;
+    Ok(job)
+}
+
+/// One item of a FINISH script: the id and token as stored, the kind (`s`, `x`, `r`, `d`,
+/// `l`), the retry delay in ms and the error text.
+struct FinishItem {
+    id: String,
+    token: String,
+    kind: &'static str,
+    delay: i64,
+    error: String,
+}
+
+/// Logs, at error, the jobs a script made dead because their fields do not read: `killed` is
+/// the script's `KILLED`, `{id, 'field F', problem}` each.
+fn log_killed(queue: &str, killed: Option<Value>) {
+    for entry in killed.map(array).unwrap_or_default() {
+        let entry = array(entry);
+        let part = |i: usize| entry.get(i).and_then(text).unwrap_or_default();
+        let e = Error::Undecodable {
+            backend: NAME,
+            job: part(0),
+            field: part(1),
+            problem: part(2),
+        };
+        tracing::error!(queue = %queue, error = %ErrorChain(&e), "a stored job cannot be read; it is dead");
+    }
+}
 
 struct Inner {
     config: RedisConfig,
@@ -316,7 +454,14 @@ impl RedisBackend {
         Ok(None)
     }
 
-    async fn fetch(&self, queue: &str, ids: &[String], op: &'static str) -> Result<Vec<Job>> {
+    /// Reads the jobs `ids` of `queue`: each id with its job or the part of it that does not
+    /// read. An id whose hash is gone (none of [`FIELDS`] present) is left out.
+    async fn fetch(
+        &self,
+        queue: &str,
+        ids: &[String],
+        op: &'static str,
+    ) -> Result<Vec<(String, Result<Job, BadField>)>> {
         let keys = self.keys(queue);
         let mut pipe = redis::pipe();
         for id in ids {
@@ -332,9 +477,13 @@ impl RedisBackend {
             .iter()
             .zip(rows)
             .filter_map(|(id, row)| {
+                let fields = array(row);
+                if fields.iter().all(|f| matches!(f, Value::Nil)) {
+                    return None;
+                }
                 let mut v = vec![Value::BulkString(id.as_bytes().to_vec())];
-                v.extend(array(row));
-                parse_job(&v)
+                v.extend(fields);
+                Some((id.clone(), parse_job(&v)))
             })
             .collect())
     }
@@ -366,7 +515,7 @@ impl RedisBackend {
             return Ok(false);
         };
         let k = self.keys(&queue);
-        let n: i64 = self
+        let reply: Value = self
             .inner
             .scripts
             .operate
@@ -388,7 +537,16 @@ impl RedisBackend {
             .invoke_async(&mut self.conn())
             .await
             .map_err(map_err(op))?;
-        Ok(n == 1)
+        match reply {
+            // A retry refused because the priority or name it needs does not read.
+            Value::Array(bad) => Err(Error::Undecodable {
+                backend: NAME,
+                job: id.to_string(),
+                field: bad.first().and_then(text).unwrap_or_default(),
+                problem: bad.get(1).and_then(text).unwrap_or_default(),
+            }),
+            other => Ok(int(&other) == Some(1)),
+        }
     }
 
     /// The sets holding jobs in `state` in `queue`: one per job name for `Ready`.
@@ -409,6 +567,145 @@ impl RedisBackend {
             .map_err(map_err(op))?;
         let prefix = k.set(JobState::Ready);
         Ok(names.into_iter().map(|n| format!("{prefix}{n}")).collect())
+    }
+
+    /// One CLAIM script of up to `want` jobs, appended to `out`; returns how many ready
+    /// entries it looked at and did not hand over (made dead, or gone), 0 when none.
+    ///
+    /// Two checks guard a claim against hashes Backline never wrote. The script checks every
+    /// field it hands back before it writes to the job, and makes a job whose fields do not
+    /// read dead in the same script (atomically, no lease left behind). What the script cannot
+    /// judge (the id, which is a set member, not a field; any rule of [`parse_job`] the
+    /// script's copy lacks) is caught here, after the claim: such a job is leased to this
+    /// claim, so it is finished dead right away with its reason, fenced by the claim's token,
+    /// in this same call. It costs only itself: the others run, and it does not wait out its
+    /// lease and come back, attempt after attempt, to fail every claim that meets it.
+    async fn claim_once(
+        &self,
+        req: &ClaimRequest<'_>,
+        want: usize,
+        out: &mut Vec<ClaimedJob>,
+    ) -> Result<usize> {
+        let k = self.keys(req.queue);
+        let mut inv = self.inner.scripts.claim.prepare_invoke();
+        inv.key(k.set(JobState::Ready))
+            .key(k.set(JobState::Scheduled))
+            .key(k.set(JobState::Retrying))
+            .key(k.set(JobState::Running))
+            .key(k.key("names"))
+            .key(k.set(JobState::Dead))
+            .arg(k.job_prefix())
+            .arg(want)
+            .arg(ms(req.lease))
+            .arg(PROMOTE_PER_CLAIM);
+        let mut names: Vec<&String> = req.names.iter().collect();
+        names.sort();
+        names.dedup();
+        inv.arg(names.len());
+        for n in names {
+            inv.arg(n);
+        }
+        for _ in 0..want {
+            inv.arg(LeaseToken::random().0.to_string());
+        }
+        let reply: Value = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(map_err("claim"))?;
+        let mut parts = array(reply).into_iter();
+        let rows = parts.next().map(array).unwrap_or_default();
+        log_killed(req.queue, parts.next());
+        let mut skipped = parts
+            .next()
+            .as_ref()
+            .and_then(int)
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(0);
+        let mut unreadable = Vec::new();
+        for row in rows {
+            let row = array(row);
+            let id = row.first().and_then(text).unwrap_or_default();
+            let Some(token) = row.get(14).and_then(text) else {
+                // Never so: the script puts the token it was given after the fields.
+                tracing::error!(queue = %req.queue, id = %id, "a claim reply without a token; the job is left to its lease");
+                continue;
+            };
+            match (parse_job(&row), token.parse()) {
+                (Ok(job), Ok(t)) => out.push(ClaimedJob {
+                    job,
+                    token: LeaseToken(t),
+                }),
+                (Err(bad), _) => unreadable.push((id, token, bad)),
+                (Ok(_), Err(_)) => {
+                    tracing::error!(queue = %req.queue, id = %id, "a claim reply with an unreadable token; the job is left to its lease");
+                }
+            }
+        }
+        if !unreadable.is_empty() {
+            let items: Vec<FinishItem> = unreadable
+                .iter()
+                .map(|(id, token, bad)| FinishItem {
+                    id: id.clone(),
+                    token: token.clone(),
+                    kind: "d",
+                    delay: 0,
+                    error: bad.reason(),
+                })
+                .collect();
+            let done = self.finish_items(req.queue, &items, "claim").await?;
+            for ((id, _, bad), done) in unreadable.iter().zip(done) {
+                let e = bad.error(id);
+                if done {
+                    tracing::error!(queue = %req.queue, error = %ErrorChain(&e), "a claimed job cannot be read; it is dead");
+                } else {
+                    tracing::error!(queue = %req.queue, error = %ErrorChain(&e), "a claimed job cannot be read; its lease was lost before it could be made dead");
+                }
+            }
+            skipped += unreadable.len();
+        }
+        Ok(skipped)
+    }
+
+    /// Runs the FINISH script on items of one queue; returns whether each applied (its lease
+    /// was held).
+    async fn finish_items(
+        &self,
+        queue: &str,
+        items: &[FinishItem],
+        op: &'static str,
+    ) -> Result<Vec<bool>> {
+        let k = self.keys(queue);
+        let mut inv = self.inner.scripts.finish.prepare_invoke();
+        inv.key(k.set(JobState::Ready))
+            .key(k.set(JobState::Retrying))
+            .key(k.set(JobState::Running))
+            .key(k.set(JobState::Succeeded))
+            .key(k.set(JobState::Dead))
+            .key(k.key("sig"))
+            .key(k.key("seq"))
+            .key(k.key("names"))
+            .arg(k.job_prefix());
+        for f in items {
+            inv.arg(&f.id)
+                .arg(&f.token)
+                .arg(f.kind)
+                .arg(f.delay)
+                .arg(&f.error);
+        }
+        let reply: Value = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(map_err(op))?;
+        let mut parts = array(reply).into_iter();
+        let applied: Vec<bool> = parts
+            .next()
+            .map(array)
+            .unwrap_or_default()
+            .iter()
+            .map(|r| int(r) == Some(1))
+            .collect();
+        log_killed(queue, parts.next());
+        Ok(applied)
     }
 
     /// Groups finish or heartbeat items by queue, keeping their positions.
@@ -498,51 +795,22 @@ impl Backend for RedisBackend {
     }
 
     async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {
-        if req.limit == 0 {
-            return Ok(Vec::new());
-        }
-        let k = self.keys(req.queue);
-        let tokens: Vec<LeaseToken> = (0..req.limit).map(|_| LeaseToken::random()).collect();
-        let mut inv = self.inner.scripts.claim.prepare_invoke();
-        inv.key(k.set(JobState::Ready))
-            .key(k.set(JobState::Scheduled))
-            .key(k.set(JobState::Retrying))
-            .key(k.set(JobState::Running))
-            .key(k.key("names"))
-            .arg(k.job_prefix())
-            .arg(req.limit)
-            .arg(ms(req.lease))
-            .arg(PROMOTE_PER_CLAIM);
-        let mut names: Vec<&String> = req.names.iter().collect();
-        names.sort();
-        names.dedup();
-        inv.arg(names.len());
-        for n in names {
-            inv.arg(n);
-        }
-        for t in &tokens {
-            inv.arg(t.0.to_string());
-        }
-        let rows: Value = inv
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(map_err("claim"))?;
         let mut out = Vec::new();
-        for row in array(rows) {
-            let row = array(row);
-            let token = row
-                .get(14)
-                .and_then(text)
-                .and_then(|t| t.parse().ok())
-                .map(LeaseToken);
-            match (parse_job(&row), token) {
-                (Some(job), Some(token)) => out.push(ClaimedJob { job, token }),
-                // Not written by this crate: leave it to its lease (the others still run).
-                _ => tracing::error!(
-                    queue = %req.queue,
-                    id = %row.first().and_then(text).unwrap_or_default(),
-                    "skipping a malformed job hash in a claim"
-                ),
+        // A short batch with ready entries that were not claimed (jobs made dead because they
+        // do not read, hashes gone) is no sign of an empty queue: claim the rest again. Each
+        // such round removes at least one entry from the ready sets for good, so this ends.
+        while out.len() < req.limit {
+            let want = req.limit - out.len();
+            match self.claim_once(&req, want, &mut out).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if out.is_empty() => return Err(e),
+                Err(e) => {
+                    // The jobs already claimed are leased: hand them over rather than leave
+                    // them to their leases.
+                    tracing::warn!(queue = %req.queue, error = %ErrorChain(&e), "claim stopped early");
+                    break;
+                }
             }
         }
         let mut claimed = guard(&self.inner.claimed);
@@ -556,39 +824,30 @@ impl Backend for RedisBackend {
         let mut applied = vec![false; batch.len()];
         let (groups, _lost) = self.by_queue(batch.iter().map(|f| f.id), "finish").await?;
         for (queue, idx) in groups {
-            let k = self.keys(&queue);
-            let mut inv = self.inner.scripts.finish.prepare_invoke();
-            inv.key(k.set(JobState::Ready))
-                .key(k.set(JobState::Retrying))
-                .key(k.set(JobState::Running))
-                .key(k.set(JobState::Succeeded))
-                .key(k.set(JobState::Dead))
-                .key(k.key("sig"))
-                .key(k.key("seq"))
-                .key(k.key("names"))
-                .arg(k.job_prefix());
-            for &i in &idx {
-                let f = &batch[i];
-                let (kind, delay, error) = match &f.outcome {
-                    Outcome::Succeeded { keep: true } => ("s", 0, ""),
-                    Outcome::Succeeded { keep: false } => ("x", 0, ""),
-                    Outcome::Retry { delay, error } => ("r", ms(*delay), error.as_str()),
-                    Outcome::Dead { error } => ("d", 0, error.as_str()),
-                    // Release, and an outcome this version does not know: handed back.
-                    _ => ("l", 0, ""),
-                };
-                inv.arg(f.id.to_string())
-                    .arg(f.token.0.to_string())
-                    .arg(kind)
-                    .arg(delay)
-                    .arg(error);
-            }
-            let res: Vec<i64> = inv
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(map_err("finish"))?;
+            let items: Vec<FinishItem> = idx
+                .iter()
+                .map(|&i| {
+                    let f = &batch[i];
+                    let (kind, delay, error) = match &f.outcome {
+                        Outcome::Succeeded { keep: true } => ("s", 0, ""),
+                        Outcome::Succeeded { keep: false } => ("x", 0, ""),
+                        Outcome::Retry { delay, error } => ("r", ms(*delay), error.as_str()),
+                        Outcome::Dead { error } => ("d", 0, error.as_str()),
+                        // Release, and an outcome this version does not know: handed back.
+                        _ => ("l", 0, ""),
+                    };
+                    FinishItem {
+                        id: f.id.to_string(),
+                        token: f.token.0.to_string(),
+                        kind,
+                        delay,
+                        error: error.to_owned(),
+                    }
+                })
+                .collect();
+            let res = self.finish_items(&queue, &items, "finish").await?;
             for (&i, r) in idx.iter().zip(res) {
-                applied[i] = r == 1;
+                applied[i] = r;
             }
         }
         let mut claimed = guard(&self.inner.claimed);
@@ -683,19 +942,22 @@ impl Backend for RedisBackend {
             return Ok(report);
         }
         let batch = m.batch as u64;
+        // Due delayed entries promotion took: made ready, made dead (unreadable) or gone.
+        let mut promote_taken = 0u64;
         let start = self.inner.rotation.fetch_add(1, Ordering::Relaxed) % queues.len();
         for i in 0..queues.len() {
-            let k = self.keys(&queues[(start + i) % queues.len()]);
+            let queue = &queues[(start + i) % queues.len()];
+            let k = self.keys(queue);
             // Each script does at most SCRIPT_BATCH of each part; loop while one is saturated.
             loop {
                 let cap = |left: u64| left.min(SCRIPT_BATCH);
-                let promote = cap(batch.saturating_sub(report.promoted));
+                let promote = cap(batch.saturating_sub(promote_taken));
                 let reap = cap(batch.saturating_sub(report.recovered + report.expired_dead));
                 let prune = cap(batch.saturating_sub(report.pruned));
                 if promote == 0 && reap == 0 && prune == 0 {
                     return Ok(report);
                 }
-                let r: Vec<i64> = self
+                let reply: Value = self
                     .inner
                     .scripts
                     .maintain
@@ -717,13 +979,19 @@ impl Backend for RedisBackend {
                     .invoke_async(&mut self.conn())
                     .await
                     .map_err(map_err("maintain"))?;
-                let n = |i: usize| r.get(i).copied().unwrap_or(0).max(0) as u64;
-                let (p, rec, dead, pruned) = (n(0), n(1), n(2), n(3));
+                let mut r = array(reply);
+                log_killed(
+                    queue,
+                    r.get_mut(5).map(|v| std::mem::replace(v, Value::Nil)),
+                );
+                let n = |i: usize| r.get(i).and_then(int).unwrap_or(0).max(0) as u64;
+                let (p, rec, dead, pruned, taken) = (n(0), n(1), n(2), n(3), n(4));
+                promote_taken += taken;
                 report.promoted += p;
                 report.recovered += rec;
                 report.expired_dead += dead;
                 report.pruned += pruned;
-                let saturated = (promote > 0 && p >= promote)
+                let saturated = (promote > 0 && taken >= promote)
                     || (reap > 0 && rec + dead >= reap)
                     || (prune > 0 && pruned >= prune);
                 if !saturated {
@@ -738,11 +1006,16 @@ impl Backend for RedisBackend {
         let Some(queue) = self.find_queue(id, "get").await? else {
             return Ok(None);
         };
-        Ok(self
+        match self
             .fetch(&queue, &[id.to_string()], "get")
             .await?
             .into_iter()
-            .next())
+            .next()
+        {
+            None => Ok(None),
+            Some((_, Ok(job))) => Ok(Some(job)),
+            Some((key, Err(bad))) => Err(bad.error(&key)),
+        }
     }
 
     async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
@@ -786,7 +1059,17 @@ impl Backend for RedisBackend {
             }
             let mut jobs = Vec::new();
             for (q, ids) in by_q {
-                jobs.extend(self.fetch(q, &ids, "list").await?);
+                for (id, job) in self.fetch(q, &ids, "list").await? {
+                    match job {
+                        Ok(job) => jobs.push(job),
+                        // One bad hash must not cost the page: skipped, and said so.
+                        Err(bad) => tracing::warn!(
+                            queue = %q,
+                            error = %ErrorChain(&bad.error(&id)),
+                            "list skips a job that cannot be read"
+                        ),
+                    }
+                }
             }
             jobs.sort_by_key(|j| j.id);
             for j in jobs {

@@ -9,7 +9,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backline_core::{Backend, ClaimRequest, Error, JobArgs, JobManager, JobState};
+use backline_core::{
+    Backend, ClaimRequest, Error, Finish, JobArgs, JobFilter, JobManager, JobState,
+};
 use backline_redis::{RedisBackend, RedisConfig};
 use backline_testkit::Task;
 use tokio::sync::OnceCell;
@@ -354,6 +356,12 @@ async fn a_push_from_another_handle_and_a_due_delayed_job_wake_an_idle_server() 
 /// Hashes Backline would never write (a field rewritten by hand or by another client) cost
 /// only themselves: every healthy job beside them runs in its first attempt, claims and
 /// maintenance go on, inspection pages load.
+///
+/// Each bad hash meets a different path: a claim (Lua checks each field it hands back; the id,
+/// a set member, is checked in Rust), promotion of a delayed job, the expiry of a lease, and a
+/// release. Each ends dead with a reason naming its field, or, where the field cannot be
+/// repaired (a missing name, an id that is no UUID), `get` names it in `Error::Undecodable`
+/// and `list` skips it.
 #[tokio::test]
 async fn malformed_hashes_cost_only_themselves() {
     if !reachable().await {
@@ -367,6 +375,48 @@ async fn malformed_hashes_cost_only_themselves() {
         .get_multiplexed_async_connection()
         .await
         .expect("connect");
+    let job_key = |id: &str| format!("{{{prefix}:default}}:j:{id}");
+    let names = vec![Task::NAME.to_owned()];
+    let claim = |limit, lease| ClaimRequest::new("default", &names, limit, lease);
+    let maintenance = backline_core::Maintenance {
+        batch: 1000,
+        succeeded_ttl: Duration::from_secs(3600),
+        dead_ttl: Duration::from_secs(3600),
+    };
+    let high = || backline_core::EnqueueOptions::new().priority(backline_core::Priority::High);
+    let delayed = || backline_core::EnqueueOptions::new().delay(Duration::from_millis(100));
+
+    // A running job spoiled under its lease: a release (which computes its ready score) makes
+    // it dead instead.
+    let released = manager
+        .enqueue(Task::ok("released"))
+        .await
+        .expect("enqueue");
+    let c = b
+        .claim(claim(1, Duration::from_secs(60)))
+        .await
+        .expect("claim");
+    assert_eq!(c.iter().map(|c| c.job.id).collect::<Vec<_>>(), [released]);
+    hset(&mut conn, &job_key(&released.to_string()), "pri", "high").await;
+    let done = b
+        .finish(&[Finish::new(
+            released,
+            c[0].token,
+            backline_core::Outcome::Release,
+        )])
+        .await
+        .expect("a release of a spoiled job");
+    assert_eq!(done, [true]);
+
+    // A running job whose lease runs out with max='many' (the reaper compares att with max).
+    let leased = manager.enqueue(Task::ok("leased")).await.expect("enqueue");
+    let c = b
+        .claim(claim(1, Duration::from_millis(100)))
+        .await
+        .expect("claim");
+    assert_eq!(c.iter().map(|c| c.job.id).collect::<Vec<_>>(), [leased]);
+    hset(&mut conn, &job_key(&leased.to_string()), "max", "many").await;
+
     let mut healthy = Vec::new();
     for i in 0..14 {
         healthy.push(
@@ -376,32 +426,119 @@ async fn malformed_hashes_cost_only_themselves() {
                 .expect("enqueue"),
         );
     }
-    // Claimed first (High priority), then spoiled one field each.
+    healthy.push(
+        manager
+            .enqueue_with(Task::ok("healthy, delayed"), delayed())
+            .await
+            .expect("enqueue"),
+    );
+    // A delayed job with a bad priority: promotion meets it (on main it failed every claim
+    // and maintenance of the queue).
+    let promoted = manager
+        .enqueue_with(Task::ok("bad pri, delayed"), delayed())
+        .await
+        .expect("enqueue");
+    hset(&mut conn, &job_key(&promoted.to_string()), "pri", "high").await;
+
+    // Ready jobs ahead of the healthy ones (High priority), each with one field spoiled.
     let spoiled = [
-        ("pri", "high"),
-        ("att", "x"),
-        ("max", "many"),
-        ("tmo", "soon"),
-        ("enq", "yesterday"),
-        ("payload", ""),
+        ("pri", Some("high")),
+        ("att", Some("x")),
+        ("max", Some("many")),
+        ("tmo", Some("soon")),
+        ("enq", Some("yesterday")),
+        ("name", None),
     ];
+    let mut bad = vec![(released, "pri"), (leased, "max"), (promoted, "pri")];
     for (field, value) in spoiled {
         let id = manager
-            .enqueue_with(
-                Task::ok(format!("bad {field}")),
-                backline_core::EnqueueOptions::new().priority(backline_core::Priority::High),
-            )
+            .enqueue_with(Task::ok(format!("bad {field}")), high())
             .await
             .expect("enqueue");
-        let key = format!("{{{prefix}:default}}:j:{id}");
-        let _: () = redis::cmd("HSET")
-            .arg(&key)
-            .arg(field)
-            .arg(value)
-            .query_async(&mut conn)
-            .await
-            .expect("spoil a field");
+        match value {
+            Some(v) => hset(&mut conn, &job_key(&id.to_string()), field, v).await,
+            None => {
+                let _: i64 = redis::cmd("HDEL")
+                    .arg(job_key(&id.to_string()))
+                    .arg(field)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("delete a field");
+            }
+        }
+        bad.push((id, field));
     }
+    // Last of the High ones: an empty payload, which reads (it is bytes) but does not decode
+    // as the job's arguments: the handler's decoding makes it dead (fatal), as on every backend.
+    let empty = manager
+        .enqueue_with(Task::ok("bad payload"), high())
+        .await
+        .expect("enqueue");
+    hset(&mut conn, &job_key(&empty.to_string()), "payload", "").await;
+    // A job another client wrote with an id that is no UUID, first in claim order: the Lua
+    // checks pass (the id is no field), Rust's do not.
+    let odd = "not-a-uuid";
+    let _: () = redis::cmd("HSET")
+        .arg(job_key(odd))
+        .arg(vec![
+            "name",
+            Task::NAME,
+            "queue",
+            "default",
+            "payload",
+            "{}",
+            "pri",
+            "25",
+            "state",
+            "ready",
+            "att",
+            "0",
+            "max",
+            "3",
+            "tmo",
+            "",
+            "enq",
+            "0",
+            "run",
+            "0",
+        ])
+        .query_async(&mut conn)
+        .await
+        .expect("write a foreign job");
+    let _: i64 = redis::cmd("ZADD")
+        .arg(format!("{{{prefix}:default}}:ready:{}", Task::NAME))
+        .arg(0)
+        .arg(odd)
+        .query_async(&mut conn)
+        .await
+        .expect("make it ready");
+
+    // Maintenance (called directly, every call Ok) meets the delayed one and the expired lease.
+    backline_testkit::eventually(
+        "maintenance to meet the delayed and the leased job",
+        || async {
+            b.maintain(&maintenance).await.expect("maintain");
+            (is_dead(&b, promoted).await && is_dead(&b, leased).await).then_some(())
+        },
+    )
+    .await;
+    // One claim of one job goes past the seven bad ones ahead of it (each dead, or gone from
+    // the ready set) and returns the first job that reads.
+    let c = b
+        .claim(claim(1, Duration::from_secs(60)))
+        .await
+        .expect("a claim beside bad hashes");
+    assert_eq!(c.iter().map(|c| c.job.id).collect::<Vec<_>>(), [empty]);
+    let done = b
+        .finish(&[Finish::new(
+            empty,
+            c[0].token,
+            backline_core::Outcome::Release,
+        )])
+        .await
+        .expect("release");
+    assert_eq!(done, [true]);
+
     let rec = backline_testkit::Recorder::new();
     let server = backline_core::JobServer::builder(b.clone())
         .register(backline_testkit::TaskHandler::<Task>::new(rec.clone()))
@@ -421,10 +558,212 @@ async fn malformed_hashes_cost_only_themselves() {
         .await;
         assert_eq!(job.attempt, 1, "healthy job {id} ran in its first attempt");
     }
+    let job = backline_testkit::eventually("the empty payload to be dead", || async {
+        b.get(empty)
+            .await
+            .ok()
+            .flatten()
+            .filter(|j| j.state == JobState::Dead)
+    })
+    .await;
+    assert_eq!(job.attempt, 1, "{job:?}");
     handle.shutdown().await.expect("shutdown");
-    b.list(&backline_core::JobFilter::new().with_limit(1000))
+    for _ in 0..3 {
+        let c = b
+            .claim(claim(10, Duration::from_secs(60)))
+            .await
+            .expect("claim");
+        assert!(c.is_empty(), "{c:?}");
+        b.maintain(&maintenance).await.expect("maintain");
+    }
+
+    // Each bad job is dead with its reason (its field repaired, so it reads), or `get` names
+    // the field that cannot be repaired.
+    let mut unreadable = Vec::new();
+    for (id, field) in &bad {
+        match b.get(*id).await {
+            Ok(Some(j)) => {
+                assert_eq!(j.state, JobState::Dead, "{field}: {j:?}");
+                let err = j.last_error.unwrap_or_default();
+                assert!(
+                    err.starts_with(&format!("the stored job cannot be read: field {field}: ")),
+                    "{field}: {err}"
+                );
+            }
+            Err(Error::Undecodable {
+                field: f, problem, ..
+            }) => {
+                assert_eq!(f, format!("field {field}"), "{problem}");
+                unreadable.push(*id);
+            }
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        unreadable.len(),
+        1,
+        "only the missing name cannot be repaired"
+    );
+    let err = b
+        .get(bad[3].0)
+        .await
+        .expect("get")
+        .and_then(|j| j.last_error);
+    assert_eq!(
+        err.as_deref(),
+        Some("the stored job cannot be read: field pri: 'high' is not a number")
+    );
+    let odd_fields: Vec<Option<String>> = redis::cmd("HMGET")
+        .arg(job_key(odd))
+        .arg("state")
+        .arg("err")
+        .query_async(&mut conn)
+        .await
+        .expect("read the foreign job");
+    assert_eq!(odd_fields[0].as_deref(), Some("dead"));
+    assert_eq!(
+        odd_fields[1].as_deref(),
+        Some("the stored job cannot be read: id in the key: 'not-a-uuid' is not a UUID")
+    );
+
+    // Inspection loads; `list` leaves out the two that do not read (with a warning).
+    let listed = b
+        .list(&JobFilter::new().with_limit(1000))
         .await
         .expect("list loads beside malformed hashes");
-    manager.counts(None).await.expect("counts");
+    let dead = bad.len() + 2; // and the empty payload, and the foreign job
+    let counts = manager.counts(None).await.expect("counts");
+    assert_eq!(
+        (counts.succeeded, counts.dead),
+        (healthy.len() as u64, dead as u64)
+    );
+    assert_eq!(listed.len(), healthy.len() + dead - 2);
+    // An operator's retry of the unreadable one is refused with the field; a delete works.
+    match b.retry_dead(unreadable[0]).await {
+        Err(Error::Undecodable { field, .. }) => assert_eq!(field, "field name"),
+        other => panic!("{other:?}"),
+    }
+    assert!(b.delete(unreadable[0]).await.expect("delete"));
+    assert!(b.get(unreadable[0]).await.expect("get").is_none());
+    // A repaired dead job can be retried, and then runs like any other.
+    assert!(b.retry_dead(bad[3].0).await.expect("retry"));
     delete_keys(&prefix).await;
+}
+
+async fn is_dead(b: &RedisBackend, id: backline_core::JobId) -> bool {
+    matches!(b.get(id).await, Ok(Some(j)) if j.state == JobState::Dead)
+}
+
+async fn hset(conn: &mut redis::aio::MultiplexedConnection, key: &str, field: &str, value: &str) {
+    let _: () = redis::cmd("HSET")
+        .arg(key)
+        .arg(field)
+        .arg(value)
+        .query_async(conn)
+        .await
+        .expect("spoil a field");
+}
+
+/// The other paths a bad hash can meet: a claim across several names (the merge of their
+/// ready sets), a retry due at once (which computes the ready score), and a delete or `get` of a
+/// job whose state is no job state.
+#[tokio::test]
+async fn malformed_hashes_in_a_claim_across_names_a_retry_and_a_delete() {
+    let Some(h) = harness().await else { return };
+    let b = backline_testkit::Harness::backend(&h).await;
+    let prefix = h.current();
+    let manager = JobManager::new(b.clone());
+    let client = redis::Client::open(url()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let job_key = |id: backline_core::JobId| format!("{{{prefix}:default}}:j:{id}");
+    let high = || backline_core::EnqueueOptions::new().priority(backline_core::Priority::High);
+    let aging = backline_testkit::AgingTask;
+    let bad_att = manager
+        .enqueue_with(Task::ok("bad att"), high())
+        .await
+        .expect("enqueue");
+    hset(&mut conn, &job_key(bad_att), "att", "x").await;
+    let bad_pri = manager
+        .enqueue_with(aging(Task::ok("bad pri")), high())
+        .await
+        .expect("enqueue");
+    hset(&mut conn, &job_key(bad_pri), "pri", "99").await;
+    let a = manager.enqueue(Task::ok("a")).await.expect("enqueue");
+    let z = manager
+        .enqueue(aging(Task::ok("z")))
+        .await
+        .expect("enqueue");
+    let names = vec![
+        Task::NAME.to_owned(),
+        backline_testkit::AgingTask::NAME.to_owned(),
+    ];
+    let claimed = b
+        .claim(ClaimRequest::new(
+            "default",
+            &names,
+            2,
+            Duration::from_secs(60),
+        ))
+        .await
+        .expect("a claim across names beside bad hashes");
+    let ids: Vec<_> = claimed.iter().map(|c| c.job.id).collect();
+    assert_eq!(ids, [a, z]);
+    for (id, reason) in [
+        (bad_att, "field att: 'x' is not a number"),
+        (bad_pri, "field pri: '99' is out of range (5 to 25)"),
+    ] {
+        let j = b.get(id).await.expect("get").expect("kept");
+        assert_eq!(j.state, JobState::Dead);
+        assert_eq!(
+            j.last_error.as_deref(),
+            Some(format!("the stored job cannot be read: {reason}").as_str())
+        );
+    }
+
+    // A retry due at once of a job spoiled under its lease: dead instead, the item applied.
+    hset(&mut conn, &job_key(a), "pri", "").await;
+    let retry = |id, token| {
+        Finish::new(
+            id,
+            token,
+            backline_core::Outcome::Retry {
+                delay: Duration::ZERO,
+                error: "try again".to_owned(),
+            },
+        )
+    };
+    let done = b
+        .finish(&[retry(a, claimed[0].token), retry(z, claimed[1].token)])
+        .await
+        .expect("finish beside a bad hash");
+    assert_eq!(done, [true, true]);
+    let j = b.get(a).await.expect("get").expect("kept");
+    assert_eq!(
+        (j.state, j.last_error.as_deref()),
+        (
+            JobState::Dead,
+            Some("the stored job cannot be read: field pri: '' is not a number")
+        )
+    );
+    let j = b.get(z).await.expect("get").expect("kept");
+    assert_eq!(j.state, JobState::Ready);
+
+    // A state that is no job state: `get` names it, `delete` still removes the job.
+    hset(&mut conn, &job_key(z), "state", "paused").await;
+    match b.get(z).await {
+        Err(Error::Undecodable { field, problem, .. }) => {
+            assert_eq!(
+                (field.as_str(), problem.as_str()),
+                ("field state", "'paused' is not a job state")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(b.delete(z).await.expect("delete"));
+    assert!(b.get(z).await.expect("get").is_none());
+    let c = manager.counts(None).await.expect("counts");
+    assert_eq!((c.ready, c.running, c.dead), (0, 0, 3));
 }
