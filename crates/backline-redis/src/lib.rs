@@ -976,6 +976,9 @@ impl Backend for RedisBackend {
                     .arg(prune)
                     .arg(ms(m.succeeded_ttl))
                     .arg(ms(m.dead_ttl))
+                    // The lease-expired text, defined once in core.
+                    .arg(backline_core::provider::LEASE_EXPIRED_PREFIX)
+                    .arg(backline_core::provider::LEASE_EXPIRED_OF)
                     .invoke_async(&mut self.conn())
                     .await
                     .map_err(map_err("maintain"))?;

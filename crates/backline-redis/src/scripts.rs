@@ -368,7 +368,8 @@ return out
 "#;
 
 /// KEYS: ready prefix, sched, retry, run, done, dead, sig, seq, names. ARGV: job prefix, promote budget,
-/// reap budget, prune budget, succeeded ttl ms, dead ttl ms.
+/// reap budget, prune budget, succeeded ttl ms, dead ttl ms, then the two parts of the
+/// lease-expired text (`provider::LEASE_EXPIRED_PREFIX` and `LEASE_EXPIRED_OF`).
 ///
 /// Returns `{promoted, recovered, dead, pruned, taken, killed}`: `taken` is how many due
 /// delayed entries promotion took (made ready, dead or gone), for the caller's loop; an expired
@@ -398,12 +399,11 @@ if tonumber(ARGV[3]) > 0 then
         redis.call('HDEL', key, 'tok', 'lease')
         if tonumber(v.att) >= tonumber(v.max) then
           redis.call('HSET', key, 'state', 'dead', 'fin', s(now), 'err',
-            'lease expired: the worker was lost during attempt ' .. v.att .. ' of ' .. v.max)
+            ARGV[7] .. v.att .. ARGV[8] .. v.max)
           redis.call('ZADD', KEYS[6], s(now), id)
           dead = dead + 1
         else
-          redis.call('HSET', key, 'state', 'ready', 'err',
-            'lease expired: the worker was lost during attempt ' .. v.att)
+          redis.call('HSET', key, 'state', 'ready', 'err', ARGV[7] .. v.att)
           add_ready(KEYS[1], KEYS[9], v.name, score(tonumber(v.pri), tonumber(v.run)), id)
           recovered = recovered + 1
         end

@@ -13,36 +13,21 @@ use backline_core::{
     Backend, ClaimRequest, Error, Finish, JobArgs, JobFilter, JobManager, JobState,
 };
 use backline_redis::{RedisBackend, RedisConfig};
+use backline_testkit::service::REDIS;
 use backline_testkit::Task;
-use tokio::sync::OnceCell;
 
 fn url() -> String {
-    std::env::var("BACKLINE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    REDIS.url()
 }
 
-static REACHABLE: OnceCell<bool> = OnceCell::const_new();
-
 async fn reachable() -> bool {
-    *REACHABLE
-        .get_or_init(|| async {
-            let config = RedisConfig::new(url())
+    REDIS
+        .reachable(|url| async move {
+            let config = RedisConfig::new(url)
                 .with_prefix(fresh_prefix())
                 .with_connect_timeout(Duration::from_secs(5))
                 .with_reconnect_retries(0);
-            match RedisBackend::connect(config).await {
-                Ok(_) => true,
-                Err(e) => {
-                    let msg = format!(
-                        "Redis at {} is unreachable ({e}); start it (`cargo xtask services up`)",
-                        backline_core::redact_url(&url())
-                    );
-                    if backline_testkit::require_services() {
-                        panic!("{msg}");
-                    }
-                    eprintln!("\n!!!!!!!!!! SKIPPING REDIS TESTS: {msg} !!!!!!!!!!\n");
-                    false
-                }
-            }
+            RedisBackend::connect(config).await.map(|_| ())
         })
         .await
 }
