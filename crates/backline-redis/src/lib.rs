@@ -1116,15 +1116,8 @@ impl Backend for RedisBackend {
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(map_err("counts"))?;
-            let order = [
-                JobState::Scheduled,
-                JobState::Ready,
-                JobState::Running,
-                JobState::Retrying,
-                JobState::Succeeded,
-                JobState::Dead,
-            ];
-            for (s, n) in order.into_iter().zip(n) {
+            // The script counts in JobState::ALL's order.
+            for (s, n) in JobState::ALL.into_iter().zip(n) {
                 *c.get_mut(s) += n;
             }
         }

@@ -625,3 +625,21 @@ pub(crate) fn ranges_check() -> String {
         Priority::High.value()
     )
 }
+
+/// What every SQL dialect can do: everything the SPI has, transactional enqueue included;
+/// `durable` is false only for an in-memory SQLite database.
+pub(crate) fn capabilities(durable: bool) -> backline_core::Capabilities {
+    backline_core::Capabilities::NONE
+        .with_dedup_by_id(true)
+        .with_filter_by_name(true)
+        .with_get_job(true)
+        .with_list_jobs(true)
+        .with_cancel(true)
+        .with_transactional_enqueue(true)
+        .with_locks(true)
+        .with_durable(durable)
+        .with_lease_expiry(true)
+        .with_run_at_order(true)
+        .with_list_dead(true)
+        .with_priorities(true)
+}

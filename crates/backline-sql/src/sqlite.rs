@@ -527,19 +527,7 @@ impl Backend for SqliteBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::NONE
-            .with_dedup_by_id(true)
-            .with_filter_by_name(true)
-            .with_get_job(true)
-            .with_list_jobs(true)
-            .with_cancel(true)
-            .with_transactional_enqueue(true)
-            .with_locks(true)
-            .with_durable(self.durable)
-            .with_lease_expiry(true)
-            .with_run_at_order(true)
-            .with_list_dead(true)
-            .with_priorities(true)
+        crate::common::capabilities(self.durable)
     }
 
     async fn push(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>> {
