@@ -1,6 +1,7 @@
 //! MySQL 8 and MariaDB 10.6+: claims in one `READ COMMITTED` transaction
 //! (`SELECT … FOR UPDATE SKIP LOCKED`, then `UPDATE … WHERE id IN (…)`).
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use crate::common::{
     Signals, ID_CHUNK,
 };
 use crate::config::{SqlConfig, TableName};
+use crate::group::{Commit, GroupCommit};
 
 const NAME: &str = "mysql";
 
@@ -108,6 +110,8 @@ pub(crate) struct MySqlBackend {
     locks: String,
     signals: Signals,
     poll_interval: Duration,
+    /// Concurrent pushes share commits.
+    group: GroupCommit,
 }
 
 impl MySqlBackend {
@@ -142,6 +146,7 @@ impl MySqlBackend {
             locks,
             signals: Signals::default(),
             poll_interval: config.poll_interval,
+            group: GroupCommit::default(),
         })
     }
 
@@ -231,10 +236,10 @@ impl MySqlBackend {
     }
 
     /// Inserts jobs on a connection; returns the queues that got a ready job.
-    async fn insert(
+    async fn insert<J: Borrow<NewJob> + Sync>(
         &self,
         conn: &mut MySqlConnection,
-        jobs: &[NewJob],
+        jobs: &[J],
         op: &'static str,
     ) -> Result<HashSet<String>> {
         let now = Self::db_now(conn, op).await?;
@@ -249,6 +254,7 @@ impl MySqlBackend {
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for j in chunk {
+                let j = j.borrow();
                 let run_at = match j.run_at {
                     RunAt::Now => now,
                     RunAt::After(d) => add(now, d),
@@ -342,6 +348,21 @@ impl crate::DriverOps for MySqlBackend {
     fn claim_index_name(&self) -> String {
         MySqlBackend::claim_index_name(self)
     }
+
+    fn group_state(&self) -> (bool, usize) {
+        self.group.state()
+    }
+}
+
+/// One group commit: the jobs in one transaction.
+#[async_trait]
+impl Commit for MySqlBackend {
+    async fn commit(&self, jobs: &[&NewJob]) -> Result<HashSet<String>> {
+        let mut tx = self.tx("push").await?;
+        let woken = self.insert(&mut tx, jobs, "push").await?;
+        tx.commit().await.map_err(map_err(NAME, "push"))?;
+        Ok(woken)
+    }
 }
 
 #[async_trait]
@@ -358,13 +379,9 @@ impl Backend for MySqlBackend {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.tx("push").await?;
-        let woken = self.insert(&mut tx, &jobs, "push").await?;
-        tx.commit().await.map_err(map_err(NAME, "push"))?;
-        for q in &woken {
-            self.signals.bump(q);
-        }
-        Ok(jobs.iter().map(|j| j.id).collect())
+        let ids = jobs.iter().map(|j| j.id).collect();
+        self.group.push(self, &self.signals, jobs).await?;
+        Ok(ids)
     }
 
     async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {
