@@ -376,14 +376,14 @@ fn copy(e: &Arc<Error>) -> Error {
     let source = Box::new(SharedError(e.clone()));
     match &**e {
         Error::Connection { backend, op, .. } => Error::Connection {
-            backend: *backend,
-            op: *op,
+            backend,
+            op,
             source,
         },
         Error::Timeout { op, after } => Error::Timeout { op, after: *after },
         Error::Backend { backend, op, .. } => Error::Backend {
-            backend: *backend,
-            op: *op,
+            backend,
+            op,
             source,
         },
         _ => Error::Backend {
