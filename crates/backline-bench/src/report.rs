@@ -184,6 +184,11 @@ impl Report {
             ("drain_c256", "raw_claim_finish_256"),
             ("drain_c1", "raw_claim_finish_1"),
             ("enqueue_batch_1000", "raw_push_1000"),
+            // One-by-one enqueue against one job per commit (SQL).
+            ("enqueue_single_32_tasks", "raw_insert_c32"),
+            ("enqueue_single_32_tasks", "raw_insert_notify_c32"),
+            ("enqueue_single_32_tasks", "raw_commit_c1"),
+            ("enqueue_single_1_task", "raw_commit_c1"),
             // PostgreSQL: rows kept against the CTE claim + UPDATE, deleted against claim-delete.
             ("drain_c256_kept", "raw_cte_update_1x256"),
             ("drain_c256_kept", "raw_cte_update_4x500"),
