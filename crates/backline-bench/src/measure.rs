@@ -156,6 +156,27 @@ pub(crate) async fn rows(provider: Provider, plan: &Plan) -> Result<Vec<Row>> {
         ));
     }
 
+    // Redis: the ceiling of grouping concurrent one-by-one enqueues into one script call per
+    // round trip (as the SQL providers group commits): one task pushing `tasks` jobs per call,
+    // one call in flight. Measured to decide whether grouping is worth it there.
+    let id = format!("enqueue_grouped_{tasks}");
+    if provider == Provider::Redis && plan.wants(&id) {
+        let runs = repeat(provider, plan.slow_runs, |b| {
+            enqueue_batches(b, single, tasks)
+        })
+        .await?;
+        rows.push(Row::new(
+            id,
+            format!(
+                "push batches of {tasks}, 1 task (grouping's ceiling){}",
+                fewer_runs(plan, plan.slow_runs)
+            ),
+            single,
+            Unit::JobsPerSecond,
+            runs,
+        ));
+    }
+
     let batch = plan.batch;
     let id = format!("enqueue_batch_{batch}");
     if plan.wants(&id) {

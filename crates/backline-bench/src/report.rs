@@ -207,6 +207,7 @@ impl Report {
             // Redis.
             ("enqueue_single_32_tasks", "raw_set_c32"),
             ("enqueue_single_32_tasks", "raw_evalsha_c32"),
+            ("enqueue_single_32_tasks", "enqueue_grouped_32"),
             ("enqueue_batch_1000", "raw_pipeline_1000"),
             ("drain_c256", "raw_pop_delete_256"),
             // RabbitMQ.
