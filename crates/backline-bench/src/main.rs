@@ -3,7 +3,8 @@
 //! For each provider, on a multi-thread Tokio runtime with 2 workers, in a release build, each
 //! figure the median of 3 runs (every run on a fresh, empty backend):
 //!
-//! - **enqueue one by one** from 32 concurrent tasks ([`JobManager::enqueue`]), jobs/s;
+//! - **enqueue one by one** from 32 concurrent tasks ([`JobManager::enqueue`]), jobs/s, and
+//!   from one task enqueuing sequentially;
 //! - **batch enqueue** in batches of 1,000 from one task ([`JobManager::enqueue_batch`]), jobs/s;
 //! - **drain** of pre-enqueued no-op jobs by a [`JobServer`] at concurrency 1, 16 and 256
 //!   (`claim_batch = min(c, 1000)`, succeeded jobs deleted at once, `run_until_idle`), jobs/s,
@@ -21,8 +22,14 @@
 //! in the table (jobs column, "(1 run)"): enqueue one by one of 5,000 jobs, one run (each job is
 //! a commit); the drains at concurrency 1 and 16 on 10,000 jobs, one run; latency at 500
 //! jobs/s; on MySQL the kept drain once; and a drain of 5,000 queued beside 100,000 (the rate
-//! must be flat). Their raw rows are plain SQL through sqlx on the same server (see the `sql`
-//! module), and the table prints Backline/raw ratios.
+//! must be flat); one task enqueues 2,000 jobs. Their raw rows are plain SQL through sqlx on
+//! the same server (see the `sql` module): the claim loops, and one job per commit (single-row
+//! `INSERT`s from 32 connections, with and without a `NOTIFY` on PostgreSQL; single-row commits
+//! on SQLite's writer), which bound the one-by-one enqueue. The table prints Backline/raw
+//! ratios.
+//!
+//! `--rows PREFIX,…` measures only the rows whose id starts with one of the prefixes (the SQL
+//! raw loops are skipped; other providers' raw rows are measured and left out of the table).
 //!
 //! Redis (`redis`: `backline-redis` on `BACKLINE_REDIS_URL`, a fresh key prefix per run, its
 //! keys deleted after it) enqueues 20,000 jobs one by one, measures latency at 1,000 jobs/s, and
@@ -134,6 +141,8 @@ impl Provider {
         if self.sql().is_some() {
             // One commit per job: ~1k jobs/s, so 100k would take minutes per run.
             plan.single_jobs = if plan.quick { 1_000 } else { 5_000 };
+            // One task, one commit at a time: a few seconds.
+            plan.sequential_jobs = if plan.quick { 500 } else { 2_000 };
             plan.slow_runs = 1;
             plan.rate = 500;
             // Concurrency 1 is one claim and one finish per job: 10k jobs, one run.
@@ -264,6 +273,8 @@ struct Plan {
     latency_for: Duration,
     /// Jobs enqueued one by one (fewer on SQL, where each is a commit).
     single_jobs: usize,
+    /// Jobs enqueued one by one from a single task.
+    sequential_jobs: usize,
     /// Runs of the slowest rows (enqueue one by one, drain at concurrency 1).
     slow_runs: usize,
     /// Drains measured on other sizes than `jobs`: (concurrency, jobs, runs).
@@ -274,6 +285,8 @@ struct Plan {
     flat_jobs: Option<usize>,
     /// Whether this is a `--quick` smoke run.
     quick: bool,
+    /// Only the rows whose id starts with one of these (all rows when empty).
+    only: Vec<String>,
 }
 
 impl Plan {
@@ -287,12 +300,19 @@ impl Plan {
             rate: 2_000,
             latency_for: Duration::from_secs(5),
             single_jobs: 100_000,
+            sequential_jobs: 10_000,
             slow_runs: 3,
             drain_overrides: Vec::new(),
             kept_runs: 3,
             flat_jobs: None,
             quick: false,
+            only: Vec::new(),
         }
+    }
+
+    /// Whether the row `id` is to be measured (`--rows`).
+    fn wants(&self, id: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| id.starts_with(p.as_str()))
     }
 
     fn quick() -> Plan {
@@ -301,6 +321,7 @@ impl Plan {
             runs: 1,
             latency_for: Duration::from_secs(1),
             single_jobs: 10_000,
+            sequential_jobs: 2_000,
             slow_runs: 1,
             kept_runs: 1,
             quick: true,
@@ -310,12 +331,14 @@ impl Plan {
 }
 
 const USAGE: &str = "\
-backline-bench [--quick] [--provider NAME]... [--runs N]
+backline-bench [--quick] [--provider NAME]... [--runs N] [--rows PREFIX,...]
 
   --quick          10,000 jobs per row, one run, 1 s of latency: a smoke run
   --provider NAME  only this provider (repeatable); providers: memory, postgres,
-                   sqlite, mysql (default: all)
+                   sqlite, mysql, redis, rabbitmq (default: all)
   --runs N         runs per figure (default 3; the median is reported)
+  --rows PREFIX    only the rows whose id starts with PREFIX (repeatable, or
+                   comma-separated; e.g. enqueue_single,latency,raw_insert)
 
 Prints a table and writes target/bench/<provider>.json.";
 
@@ -328,6 +351,7 @@ struct Args {
 fn parse_args(args: impl IntoIterator<Item = String>) -> std::result::Result<Args, String> {
     let mut quick = false;
     let mut runs = None;
+    let mut only = Vec::new();
     let mut providers = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -352,11 +376,16 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> std::result::Result<Arg
                         .ok_or_else(|| format!("--runs takes a positive number, not `{v}`"))?,
                 );
             }
+            "--rows" => {
+                let v = args.next().ok_or("--rows needs a row id prefix")?;
+                only.extend(v.split(',').filter(|p| !p.is_empty()).map(String::from));
+            }
             "--help" | "-h" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
     let mut plan = if quick { Plan::quick() } else { Plan::full() };
+    plan.only = only;
     if let Some(runs) = runs {
         plan.runs = runs;
         plan.slow_runs = runs;
@@ -373,6 +402,8 @@ async fn bench(provider: Provider, plan: &Plan) -> Result<Vec<Row>> {
     let plan = &provider.plan(plan);
     let mut rows = measure::rows(provider, plan).await?;
     rows.extend(provider.raw_rows(plan).await?);
+    // The SQL raw rows skip what `--rows` leaves out; the others are measured and dropped here.
+    rows.retain(|r| plan.wants(&r.id));
     Ok(rows)
 }
 
@@ -482,6 +513,10 @@ mod tests {
         assert!(quick.plan.quick && quick.plan.jobs < Plan::full().jobs);
         assert_eq!(quick.providers, vec![Provider::Memory]);
         assert_eq!(parse(&["--runs", "5"]).expect("valid").plan.runs, 5);
+        let some = parse(&["--rows", "enqueue_single,raw_insert"]).expect("valid");
+        assert!(some.plan.wants("enqueue_single_1_task") && some.plan.wants("raw_insert_c32"));
+        assert!(!some.plan.wants("drain_c256"));
+        assert!(Plan::full().wants("drain_c256"));
         assert!(parse(&["--provider", "oracle"]).is_err());
         assert!(parse(&["--runs", "0"]).is_err());
     }

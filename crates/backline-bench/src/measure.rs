@@ -112,39 +112,89 @@ fn per_second(jobs: usize, took: Duration) -> f64 {
     jobs as f64 / took.as_secs_f64().max(1e-9)
 }
 
-/// Every Backline-level row for one provider.
+/// Every Backline-level row for one provider (those that `plan` wants).
 pub(crate) async fn rows(provider: Provider, plan: &Plan) -> Result<Vec<Row>> {
     let n = plan.jobs;
     let mut rows = Vec::new();
 
     let tasks = plan.enqueue_tasks;
     let single = plan.single_jobs;
-    let runs = repeat(provider, plan.slow_runs, |b| {
-        enqueue_one_by_one(b, single, tasks)
-    })
-    .await?;
-    rows.push(Row::new(
-        format!("enqueue_single_{tasks}_tasks"),
-        format!(
-            "enqueue one by one, {tasks} tasks{}",
-            fewer_runs(plan, plan.slow_runs)
-        ),
-        single,
-        Unit::JobsPerSecond,
-        runs,
-    ));
+    let id = format!("enqueue_single_{tasks}_tasks");
+    if plan.wants(&id) {
+        let runs = repeat(provider, plan.slow_runs, |b| {
+            enqueue_one_by_one(b, single, tasks)
+        })
+        .await?;
+        rows.push(Row::new(
+            id,
+            format!(
+                "enqueue one by one, {tasks} tasks{}",
+                fewer_runs(plan, plan.slow_runs)
+            ),
+            single,
+            Unit::JobsPerSecond,
+            runs,
+        ));
+    }
+
+    let sequential = plan.sequential_jobs;
+    let id = "enqueue_single_1_task".to_owned();
+    if plan.wants(&id) {
+        let runs = repeat(provider, plan.slow_runs, |b| {
+            enqueue_one_by_one(b, sequential, 1)
+        })
+        .await?;
+        rows.push(Row::new(
+            id,
+            format!(
+                "enqueue one by one, 1 task{}",
+                fewer_runs(plan, plan.slow_runs)
+            ),
+            sequential,
+            Unit::JobsPerSecond,
+            runs,
+        ));
+    }
+
+    // Redis: the ceiling of grouping concurrent one-by-one enqueues into one script call per
+    // round trip (as the SQL providers group commits): one task pushing `tasks` jobs per call,
+    // one call in flight. Measured to decide whether grouping is worth it there.
+    let id = format!("enqueue_grouped_{tasks}");
+    if provider == Provider::Redis && plan.wants(&id) {
+        let runs = repeat(provider, plan.slow_runs, |b| {
+            enqueue_batches(b, single, tasks)
+        })
+        .await?;
+        rows.push(Row::new(
+            id,
+            format!(
+                "push batches of {tasks}, 1 task (grouping's ceiling){}",
+                fewer_runs(plan, plan.slow_runs)
+            ),
+            single,
+            Unit::JobsPerSecond,
+            runs,
+        ));
+    }
 
     let batch = plan.batch;
-    let runs = repeat(provider, plan.runs, |b| enqueue_batches(b, n, batch)).await?;
-    rows.push(Row::new(
-        format!("enqueue_batch_{batch}"),
-        format!("enqueue in batches of {}", thousands(batch as f64)),
-        n,
-        Unit::JobsPerSecond,
-        runs,
-    ));
+    let id = format!("enqueue_batch_{batch}");
+    if plan.wants(&id) {
+        let runs = repeat(provider, plan.runs, |b| enqueue_batches(b, n, batch)).await?;
+        rows.push(Row::new(
+            id,
+            format!("enqueue in batches of {}", thousands(batch as f64)),
+            n,
+            Unit::JobsPerSecond,
+            runs,
+        ));
+    }
 
     for &c in &plan.concurrencies {
+        let id = format!("drain_c{c}");
+        if !plan.wants(&id) {
+            continue;
+        }
         let (jobs, times) = plan
             .drain_overrides
             .iter()
@@ -153,7 +203,7 @@ pub(crate) async fn rows(provider: Provider, plan: &Plan) -> Result<Vec<Row>> {
         let shape = Drain::new(c);
         let runs = repeat(provider, times, |b| drain(b, jobs, shape)).await?;
         rows.push(Row::new(
-            format!("drain_c{c}"),
+            id,
             format!(
                 "drain no-op jobs, concurrency {c}{}",
                 fewer_runs(plan, times)
@@ -164,35 +214,44 @@ pub(crate) async fn rows(provider: Provider, plan: &Plan) -> Result<Vec<Row>> {
         ));
     }
     if let (Some(&c), Some(flat)) = (plan.concurrencies.last(), plan.flat_jobs) {
-        let shape = Drain::new(c);
-        let runs = repeat(provider, plan.runs, |b| drain(b, flat, shape)).await?;
-        rows.push(Row::new(
-            format!("drain_c{c}_{flat}"),
-            format!("drain {} queued, concurrency {c}", thousands(flat as f64)),
-            flat,
-            Unit::JobsPerSecond,
-            runs,
-        ));
+        let id = format!("drain_c{c}_{flat}");
+        if plan.wants(&id) {
+            let shape = Drain::new(c);
+            let runs = repeat(provider, plan.runs, |b| drain(b, flat, shape)).await?;
+            rows.push(Row::new(
+                id,
+                format!("drain {} queued, concurrency {c}", thousands(flat as f64)),
+                flat,
+                Unit::JobsPerSecond,
+                runs,
+            ));
+        }
     }
     if let (Some(&c), true) = (plan.concurrencies.last(), plan.kept_runs > 0) {
-        let keep = ServerConfig::default().succeeded_ttl;
-        let shape = Drain {
-            keep,
-            ..Drain::new(c)
-        };
-        let runs = repeat(provider, plan.kept_runs, |b| drain(b, n, shape)).await?;
-        rows.push(Row::new(
-            format!("drain_c{c}_kept"),
-            format!(
-                "drain, concurrency {c}, succeeded kept 1 h{}",
-                fewer_runs(plan, plan.kept_runs)
-            ),
-            n,
-            Unit::JobsPerSecond,
-            runs,
-        ));
+        let id = format!("drain_c{c}_kept");
+        if plan.wants(&id) {
+            let keep = ServerConfig::default().succeeded_ttl;
+            let shape = Drain {
+                keep,
+                ..Drain::new(c)
+            };
+            let runs = repeat(provider, plan.kept_runs, |b| drain(b, n, shape)).await?;
+            rows.push(Row::new(
+                id,
+                format!(
+                    "drain, concurrency {c}, succeeded kept 1 h{}",
+                    fewer_runs(plan, plan.kept_runs)
+                ),
+                n,
+                Unit::JobsPerSecond,
+                runs,
+            ));
+        }
     }
 
+    if !plan.wants("latency_p50") && !plan.wants("latency_p99") {
+        return Ok(rows);
+    }
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
     for _ in 0..plan.runs {

@@ -184,6 +184,11 @@ impl Report {
             ("drain_c256", "raw_claim_finish_256"),
             ("drain_c1", "raw_claim_finish_1"),
             ("enqueue_batch_1000", "raw_push_1000"),
+            // One-by-one enqueue against one job per commit (SQL).
+            ("enqueue_single_32_tasks", "raw_insert_c32"),
+            ("enqueue_single_32_tasks", "raw_insert_notify_c32"),
+            ("enqueue_single_32_tasks", "raw_commit_c1"),
+            ("enqueue_single_1_task", "raw_commit_c1"),
             // PostgreSQL: rows kept against the CTE claim + UPDATE, deleted against claim-delete.
             ("drain_c256_kept", "raw_cte_update_1x256"),
             ("drain_c256_kept", "raw_cte_update_4x500"),
@@ -202,6 +207,7 @@ impl Report {
             // Redis.
             ("enqueue_single_32_tasks", "raw_set_c32"),
             ("enqueue_single_32_tasks", "raw_evalsha_c32"),
+            ("enqueue_single_32_tasks", "enqueue_grouped_32"),
             ("enqueue_batch_1000", "raw_pipeline_1000"),
             ("drain_c256", "raw_pop_delete_256"),
             // RabbitMQ.

@@ -7,6 +7,7 @@
 
 mod common;
 mod config;
+mod group;
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "postgres")]
@@ -67,6 +68,8 @@ pub(crate) trait DriverOps: Backend {
         })
     }
     fn claim_index_name(&self) -> String;
+    /// Whether a push leads a group commit, and how many pushes wait for one.
+    fn group_state(&self) -> (bool, usize);
 }
 
 impl std::fmt::Debug for SqlBackend {
@@ -253,6 +256,13 @@ impl SqlBackend {
     /// The name of the claim index (`{table}_claim`).
     pub fn claim_index_name(&self) -> String {
         self.ops.claim_index_name()
+    }
+
+    /// Whether a push is committing a group (or about to), and how many pushes wait for the
+    /// next commit: for tests that need a group to have formed before they go on.
+    #[doc(hidden)]
+    pub fn group_state(&self) -> (bool, usize) {
+        self.ops.group_state()
     }
 }
 

@@ -1,13 +1,14 @@
 //! PostgreSQL: one-statement claims (`UPDATE … WHERE id = ANY(ARRAY(SELECT … SKIP LOCKED))`) and
 //! wake-ups through `LISTEN/NOTIFY`.
 
-use backline_core::ErrorChain;
+use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use backline_core::ErrorChain;
 use backline_core::{
     Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, Finish, Job, JobFilter, JobId,
     JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Result, RunAt,
@@ -23,6 +24,7 @@ use crate::common::{
     BadColumn, Flavor, JobRow, Signals, COLUMNS,
 };
 use crate::config::{SqlConfig, TableName};
+use crate::group::{Commit, GroupCommit};
 
 const NAME: &str = "postgres";
 
@@ -348,6 +350,8 @@ pub(crate) struct PgBackend {
     signals: Arc<Signals>,
     listener_up: Arc<AtomicBool>,
     poll_interval: Duration,
+    /// Concurrent pushes share commits.
+    group: GroupCommit,
     /// Dropping it stops the listener task.
     _stop: oneshot::Sender<()>,
 }
@@ -399,6 +403,7 @@ impl PgBackend {
             signals,
             listener_up,
             poll_interval: config.poll_interval,
+            group: GroupCommit::default(),
             _stop: stop,
         })
     }
@@ -529,9 +534,9 @@ impl PgBackend {
         Ok(())
     }
 
-    fn push_query(
+    fn push_query<J: Borrow<NewJob>>(
         &self,
-        jobs: &[NewJob],
+        jobs: &[J],
     ) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
         let n = jobs.len();
         let mut ids = Vec::with_capacity(n);
@@ -544,6 +549,7 @@ impl PgBackend {
         let mut ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
         let mut afters = Vec::with_capacity(n);
         for j in jobs {
+            let j = j.borrow();
             ids.push(*j.id.as_uuid());
             names.push(j.name.clone());
             queues.push(j.queue.clone());
@@ -750,6 +756,27 @@ impl crate::DriverOps for PgBackend {
     fn claim_index_name(&self) -> String {
         PgBackend::claim_index_name(self)
     }
+
+    fn group_state(&self) -> (bool, usize) {
+        self.group.state()
+    }
+}
+
+/// One group commit: one statement (its own transaction) that inserts the jobs and sends one
+/// `NOTIFY` per queue that got a ready job.
+#[async_trait]
+impl Commit for PgBackend {
+    async fn commit(&self, jobs: &[&NewJob]) -> Result<HashSet<String>> {
+        let rows = self
+            .push_query(jobs)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(NAME, "push"))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>(0).ok())
+            .collect())
+    }
 }
 
 #[async_trait]
@@ -766,17 +793,9 @@ impl Backend for PgBackend {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = self
-            .push_query(&jobs)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err(NAME, "push"))?;
-        for r in rows {
-            if let Ok(queue) = r.try_get::<String, _>(0) {
-                self.signals.bump(&queue);
-            }
-        }
-        Ok(jobs.iter().map(|j| j.id).collect())
+        let ids = jobs.iter().map(|j| j.id).collect();
+        self.group.push(self, &self.signals, jobs).await?;
+        Ok(ids)
     }
 
     async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {

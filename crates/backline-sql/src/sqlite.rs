@@ -1,6 +1,7 @@
 //! SQLite: an embedded file in WAL mode; every write in `BEGIN IMMEDIATE` on one writer
 //! connection; claims as `UPDATE … WHERE id IN (SELECT … LIMIT n) RETURNING …`.
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::common::{
     FinishPlan, Flavor, JobRow, Signals, COLUMNS, ID_CHUNK,
 };
 use crate::config::{SqlConfig, SqliteSync, TableName};
+use crate::group::{Commit, GroupCommit};
 
 const NAME: &str = "sqlite";
 
@@ -271,6 +273,8 @@ pub(crate) struct SqliteBackend {
     signals: Signals,
     poll_interval: Duration,
     durable: bool,
+    /// Concurrent pushes share commits.
+    group: GroupCommit,
 }
 
 impl SqliteBackend {
@@ -335,6 +339,7 @@ impl SqliteBackend {
             signals: Signals::default(),
             poll_interval: config.poll_interval,
             durable: !memory,
+            group: GroupCommit::default(),
         })
     }
 
@@ -408,10 +413,10 @@ impl SqliteBackend {
 
     /// Inserts jobs on a connection (multi-row statements); returns the queues that got a
     /// ready job.
-    async fn insert(
+    async fn insert<J: Borrow<NewJob> + Sync>(
         &self,
         conn: &mut SqliteConnection,
-        jobs: &[NewJob],
+        jobs: &[J],
         op: &'static str,
     ) -> Result<HashSet<String>> {
         let now = now_us();
@@ -426,6 +431,7 @@ impl SqliteBackend {
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for j in chunk {
+                let j = j.borrow();
                 let run_at = match j.run_at {
                     RunAt::Now => now,
                     RunAt::After(d) => now.saturating_add(micros(d)),
@@ -518,6 +524,21 @@ impl crate::DriverOps for SqliteBackend {
     fn claim_index_name(&self) -> String {
         SqliteBackend::claim_index_name(self)
     }
+
+    fn group_state(&self) -> (bool, usize) {
+        self.group.state()
+    }
+}
+
+/// One group commit: the jobs in one `BEGIN IMMEDIATE` transaction on the writer.
+#[async_trait]
+impl Commit for SqliteBackend {
+    async fn commit(&self, jobs: &[&NewJob]) -> Result<HashSet<String>> {
+        let mut tx = self.begin("push").await?;
+        let woken = self.insert(&mut tx, jobs, "push").await?;
+        tx.commit().await.map_err(map_err(NAME, "push"))?;
+        Ok(woken)
+    }
 }
 
 #[async_trait]
@@ -534,13 +555,9 @@ impl Backend for SqliteBackend {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.begin("push").await?;
-        let woken = self.insert(&mut tx, &jobs, "push").await?;
-        tx.commit().await.map_err(map_err(NAME, "push"))?;
-        for queue in &woken {
-            self.signals.bump(queue);
-        }
-        Ok(jobs.iter().map(|j| j.id).collect())
+        let ids = jobs.iter().map(|j| j.id).collect();
+        self.group.push(self, &self.signals, jobs).await?;
+        Ok(ids)
     }
 
     async fn claim(&self, req: ClaimRequest<'_>) -> Result<Vec<ClaimedJob>> {

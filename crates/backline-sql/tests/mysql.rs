@@ -4,6 +4,7 @@
 //! Each test gets its own table, so the tests run in parallel. Without a server the tests
 //! print a loud notice and pass, unless `BACKLINE_REQUIRE_SERVICES=1`.
 
+mod group;
 mod support;
 
 use support::corrupt::{self, Dialect};
@@ -29,6 +30,12 @@ async fn connect(table: &str) -> SqlBackend {
 backline_testkit::conformance!(match DB.harness().await {
     Some(h) => h,
     None => return,
+});
+
+group::group_commit_tests!(if reachable().await {
+    Some(connect(&fresh_table()).await)
+} else {
+    None
 });
 
 #[tokio::test]

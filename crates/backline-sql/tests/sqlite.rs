@@ -1,6 +1,8 @@
 //! The conformance suite and the SQLite-specific tests, each on a fresh database file under
 //! the system's temporary directory (no server needed).
 
+mod group;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -92,6 +94,8 @@ impl backline_testkit::Harness for SqliteHarness {
 backline_testkit::conformance!(SqliteHarness {
     url: Mutex::new(None)
 });
+
+group::group_commit_tests!(Some(connect(&fresh_url()).await));
 
 #[tokio::test]
 async fn a_rolled_back_transaction_leaves_no_job() {
