@@ -21,6 +21,7 @@ use crate::common::{
     Signals,
 };
 use crate::config::{SqlConfig, TableName};
+use crate::{PlanMode, Statement};
 
 const NAME: &str = "postgres";
 
@@ -28,8 +29,9 @@ const NAME: &str = "postgres";
 const MIGRATION_LOCK: i64 = 0x6261_636b_6c69_6e65; // "backline"
 
 /// The schema, in order; each step a list of statements. `{table}`, `{name}` and `{locks}` are
-/// replaced by the validated names.
-const MIGRATIONS: &[&[&str]] = &[&[
+/// replaced by the validated names, `{schema.}` by the table's schema and a dot (or nothing).
+const MIGRATIONS: &[&[&str]] = &[
+    &[
     "CREATE TABLE IF NOT EXISTS {table} (
         id uuid PRIMARY KEY,
         name text NOT NULL,
@@ -58,7 +60,19 @@ const MIGRATIONS: &[&[&str]] = &[&[
         owner bigint NOT NULL,
         expires_at timestamptz NOT NULL
     )",
-]];
+    ],
+    // Step 2: no `(queue, state)` index. On a table that has never been analyzed (a fresh table
+    // after a burst of enqueues; any server where autovacuum is off or behind, and per-table
+    // autovacuum settings do nothing where it is off globally) the planner guesses one row for
+    // `state = 'ready' AND queue = $1`, and this index, matching both equalities, then looked
+    // cheaper than the claim index by a hair: it took it and sorted the whole ready set on
+    // every claim (about 30 ms a claim at 100,000 ready on an idle server, 68-93 ms under load,
+    // against 1 ms through the claim index). Without it the claim index is the only index that
+    // holds ready rows, so it is the claim's plan whatever the statistics say; nothing else
+    // needs it (`counts` and `list` filter with `$n IS NULL OR …`, which no index serves in a
+    // generic plan, and `purge` is an operator's command).
+    &["DROP INDEX IF EXISTS {schema.}{name}_queue_state"],
+];
 
 const COLUMNS: &str = "id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at, last_error, lease_until, finished_at";
 
@@ -195,12 +209,19 @@ impl Sql {
                 WHERE j.id = ANY($1::uuid[]) AND j.id = i.id AND j.lease_token = i.token
                 RETURNING j.id, j.lease_token"
             )),
+            // Promotion, lease recovery and retention read their partial index in its order
+            // and stop after the batch. Their `LIMIT` is a sub-select, which the planner cannot
+            // see into: it costs such a limit as a tenth of the rows, so reading the index in
+            // order and stopping early is the cheapest plan for any row estimate. With a plain
+            // `LIMIT $1`, the custom plans of a prepared statement's first runs see the batch
+            // (1,000) and, on a table without statistics (which guess a few hundred due rows),
+            // chose a bitmap scan of every due row and a sort of them all.
             promote: s(format!(
                 "UPDATE {t} AS j SET state = 'ready'
                 WHERE j.id = ANY(ARRAY(
                     SELECT id FROM {t}
                     WHERE state IN ('scheduled', 'retrying') AND run_at <= now()
-                    ORDER BY run_at LIMIT $1
+                    ORDER BY run_at LIMIT (SELECT $1::int8)
                     FOR UPDATE SKIP LOCKED
                 ))
                 RETURNING j.queue"
@@ -216,7 +237,7 @@ impl Sql {
                 WHERE j.id = ANY(ARRAY(
                     SELECT id FROM {t}
                     WHERE state = 'running' AND lease_until <= now()
-                    ORDER BY lease_until LIMIT $1
+                    ORDER BY lease_until LIMIT (SELECT $1::int8)
                     FOR UPDATE SKIP LOCKED
                 ))
                 RETURNING j.queue, j.state"
@@ -269,7 +290,7 @@ impl Sql {
             WHERE id = ANY(ARRAY(
                 SELECT id FROM {t}
                 WHERE state = '{state}' AND finished_at <= now() - $1::int8 * interval '1 microsecond'
-                ORDER BY finished_at LIMIT $2
+                ORDER BY finished_at LIMIT (SELECT $2::int8)
                 FOR UPDATE SKIP LOCKED
             ))"
         )
@@ -421,6 +442,14 @@ impl PgBackend {
                     .replace("{table}", &self.table.qualified())
                     .replace("{name}", self.table.name())
                     .replace(
+                        "{schema.}",
+                        &self
+                            .table
+                            .schema()
+                            .map(|s| format!("{s}."))
+                            .unwrap_or_default(),
+                    )
+                    .replace(
                         "{locks}",
                         &self.table.sibling(&format!("{}_locks", self.table.name())),
                     );
@@ -504,22 +533,35 @@ impl PgBackend {
         Ok(())
     }
 
-    /// The generic plan of `query` (an `EXPLAIN …` with its parameters bound): the plan a
-    /// prepared statement settles on after a few runs, which does not see the parameters'
-    /// values (a custom plan, made for a batch of 100, would hide a bad generic one).
-    async fn generic_plan(
-        &self,
-        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
-        op: &'static str,
-    ) -> Result<String> {
-        let err = map_err(NAME, op);
-        let mut tx = self.pool.begin().await.map_err(&err)?;
-        sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
-            .execute(&mut *tx)
+    /// The plan of `sql` in `mode`, for the parameters `args` (SQL expressions). The statement
+    /// is prepared with SQL's `PREPARE` and explained with `EXPLAIN EXECUTE`, so that
+    /// `plan_cache_mode` applies: an `EXPLAIN` of the statement itself with its parameters bound
+    /// plans for their values (a custom plan) whatever that setting says. (`EXECUTE` takes no
+    /// bound parameters, hence the expressions.) The generic plan is the one a prepared
+    /// statement settles on after its first five runs, which does not see the values (a custom
+    /// plan, made for a batch of 100, would hide a bad generic one); the custom plans are those
+    /// of its first runs on each connection. It runs on a connection of its own, closed
+    /// afterwards, so nothing it prepares or sets stays in the pool.
+    async fn plan(&self, sql: &str, args: &[String], mode: PlanMode) -> Result<String> {
+        let err = map_err(NAME, "explain");
+        let mut conn = self.pool.acquire().await.map_err(&err)?.detach();
+        let set = match mode {
+            PlanMode::Generic => "SET plan_cache_mode = force_generic_plan",
+            PlanMode::Custom => "SET plan_cache_mode = force_custom_plan",
+        };
+        sqlx::raw_sql(set).execute(&mut conn).await.map_err(&err)?;
+        sqlx::raw_sql(AssertSqlSafe(format!("PREPARE backline_explain AS {sql}")))
+            .execute(&mut conn)
             .await
             .map_err(&err)?;
-        let rows = query.fetch_all(&mut *tx).await.map_err(&err)?;
-        tx.rollback().await.map_err(&err)?;
+        let rows = sqlx::raw_sql(AssertSqlSafe(format!(
+            "EXPLAIN EXECUTE backline_explain({})",
+            args.join(", ")
+        )))
+        .fetch_all(&mut conn)
+        .await
+        .map_err(&err)?;
+        let _ = sqlx::Connection::close(conn).await;
         let mut plan = String::new();
         for r in rows {
             let line: String = r.try_get(0).map_err(&err)?;
@@ -529,27 +571,50 @@ impl PgBackend {
         Ok(plan)
     }
 
-    /// The claim's generic plan.
-    pub(crate) async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
-        let query = sqlx::query(AssertSqlSafe(format!("EXPLAIN {}", self.sql.claim)))
-            .bind(queue.to_owned())
-            .bind(names.to_vec())
-            .bind(100i64)
-            .bind(0i64)
-            .bind(1_000_000i64);
-        self.generic_plan(query, "explain the claim").await
-    }
-
-    /// The finish statement's generic plan.
-    pub(crate) async fn explain_finish(&self) -> Result<String> {
-        let query = sqlx::query(AssertSqlSafe(format!("EXPLAIN {}", self.sql.finish)))
-            .bind(Vec::<uuid::Uuid>::new())
-            .bind(Vec::<i64>::new())
-            .bind(Vec::<String>::new())
-            .bind(Vec::<i64>::new())
-            .bind(Vec::<String>::new())
-            .bind(self.channel.clone());
-        self.generic_plan(query, "explain the finish").await
+    /// The plan of `statement` in `mode`, with representative parameters. Nothing is executed.
+    pub(crate) async fn explain(&self, statement: Statement<'_>, mode: PlanMode) -> Result<String> {
+        // Text from the caller travels as hex digits: nothing in it can end the literal.
+        let text = |s: &str| {
+            let hex: String = s.bytes().map(|b| format!("{b:02x}")).collect();
+            format!("convert_from(decode('{hex}', 'hex'), 'UTF8')")
+        };
+        let ids = (0..100)
+            .map(|_| JobId::new().to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let (sql, args) = match statement {
+            Statement::Claim { queue, names } => {
+                let names = names.iter().map(|n| text(n)).collect::<Vec<_>>();
+                (
+                    &self.sql.claim,
+                    vec![
+                        text(queue),
+                        format!("ARRAY[{}]::text[]", names.join(", ")),
+                        "100".to_owned(),
+                        "0".to_owned(),
+                        "1000000".to_owned(),
+                    ],
+                )
+            }
+            Statement::Finish => (
+                &self.sql.finish,
+                vec![
+                    format!("'{{{ids}}}'::uuid[]"),
+                    "array_fill(0::int8, ARRAY[100])".to_owned(),
+                    format!("array_fill('{KIND_SUCCEEDED}'::text, ARRAY[100])"),
+                    "array_fill(0::int8, ARRAY[100])".to_owned(),
+                    "array_fill(NULL::text, ARRAY[100])".to_owned(),
+                    text(&self.channel),
+                ],
+            ),
+            Statement::Promote => (&self.sql.promote, vec!["1000".to_owned()]),
+            Statement::Recover => (&self.sql.expire, vec!["1000".to_owned()]),
+            Statement::Prune => (
+                &self.sql.prune_succeeded,
+                vec!["3600000000".to_owned(), "1000".to_owned()],
+            ),
+        };
+        self.plan(sql, &args, mode).await
     }
 
     pub(crate) fn claim_index_name(&self) -> String {
@@ -655,12 +720,8 @@ impl crate::DriverOps for PgBackend {
         PgBackend::migrate(self).await
     }
 
-    async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
-        PgBackend::explain_claim(self, queue, names).await
-    }
-
-    async fn explain_finish(&self) -> Result<String> {
-        PgBackend::explain_finish(self).await
+    async fn explain(&self, statement: Statement<'_>, mode: PlanMode) -> Result<String> {
+        PgBackend::explain(self, statement, mode).await
     }
 
     fn claim_index_name(&self) -> String {

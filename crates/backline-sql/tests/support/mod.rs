@@ -3,6 +3,8 @@
 //! harness. Each test binary compiles this module on its own and uses a part of it.
 #![allow(dead_code)]
 
+pub(crate) mod fixture;
+
 use std::sync::{Arc, Mutex};
 
 use backline_core::Backend;
