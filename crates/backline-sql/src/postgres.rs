@@ -29,9 +29,8 @@ const NAME: &str = "postgres";
 const MIGRATION_LOCK: i64 = 0x6261_636b_6c69_6e65; // "backline"
 
 /// The schema, in order; each step a list of statements. `{table}`, `{name}` and `{locks}` are
-/// replaced by the validated names, `{schema.}` by the table's schema and a dot (or nothing).
-const MIGRATIONS: &[&[&str]] = &[
-    &[
+/// replaced by the validated names.
+const MIGRATIONS: &[&[&str]] = &[&[
     "CREATE TABLE IF NOT EXISTS {table} (
         id uuid PRIMARY KEY,
         name text NOT NULL,
@@ -60,19 +59,26 @@ const MIGRATIONS: &[&[&str]] = &[
         owner bigint NOT NULL,
         expires_at timestamptz NOT NULL
     )",
-    ],
-    // Step 2: no `(queue, state)` index. On a table that has never been analyzed (a fresh table
-    // after a burst of enqueues; any server where autovacuum is off or behind, and per-table
-    // autovacuum settings do nothing where it is off globally) the planner guesses one row for
-    // `state = 'ready' AND queue = $1`, and this index, matching both equalities, then looked
-    // cheaper than the claim index by a hair: it took it and sorted the whole ready set on
-    // every claim (about 30 ms a claim at 100,000 ready on an idle server, 68-93 ms under load,
-    // against 1 ms through the claim index). Without it the claim index is the only index that
-    // holds ready rows, so it is the claim's plan whatever the statistics say; nothing else
-    // needs it (`counts` and `list` filter with `$n IS NULL OR …`, which no index serves in a
-    // generic plan, and `purge` is an operator's command).
-    &["DROP INDEX IF EXISTS {schema.}{name}_queue_state"],
-];
+]];
+
+/// The settings of the claim's connections: `enable_sort = off`, so that the planner takes a
+/// plan with a sort only where no other plan exists. Without statistics (a table never analyzed:
+/// a fresh table after a burst of enqueues, or any server where autovacuum is off or behind; and
+/// per-table autovacuum settings do nothing where it is off globally) the planner guesses about
+/// one row for `state = 'ready' AND queue = $1 AND name = ANY($2)`, whatever the depth, and for
+/// one row a sort is free: reading the claim index in order, reading the `(queue, state)` index
+/// (which matches two of the equalities) and sorting, and a bitmap scan of the claim index and a
+/// sort then cost the same to a hair, and the size of the table picks the winner (measured with
+/// 100,000 ready jobs: the `(queue, state)` index and a sort of all of them; without that index,
+/// the ordered scan, until 90,000 jobs in other states joined them and the bitmap scan won; each
+/// sort 30-250 ms a claim instead of 1). No statement form breaks that
+/// tie (three equalities estimate one row however they are written), and an `ANALYZE` by the
+/// maintenance would only shorten the bad stretch; so the claim runs where the sort cannot win:
+/// the claim index is read in its `ORDER BY` order, the one plan without a sort. The setting
+/// travels as a startup parameter of these connections only, never of the pool the application
+/// gets from `pg_pool()`, and costs no round trip. (Behind PgBouncer the `options` parameter must
+/// be allowed, or ignored through `ignore_startup_parameters`.)
+const CLAIM_OPTIONS: &[(&str, &str)] = &[("enable_sort", "off")];
 
 const COLUMNS: &str = "id, name, queue, payload, priority, state, attempt, max_attempts, timeout_ms, enqueued_at, run_at, last_error, lease_until, finished_at";
 
@@ -329,6 +335,8 @@ fn job(row: &PgRow) -> Result<Job> {
 /// The PostgreSQL backend behind [`SqlBackend`](crate::SqlBackend).
 pub(crate) struct PgBackend {
     pool: PgPool,
+    /// The claim's own connections, which plan with sorts disabled (see [`CLAIM_OPTIONS`]).
+    claim_pool: PgPool,
     table: TableName,
     channel: String,
     sql: Sql,
@@ -353,6 +361,11 @@ impl PgBackend {
             .connect_with(options.clone())
             .await
             .map_err(map_err(NAME, "connect"))?;
+        let claim_pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .min_connections(0)
+            .acquire_timeout(config.connect_timeout)
+            .connect_lazy_with(options.clone().options(CLAIM_OPTIONS.iter().copied()));
         let channel = format!("backline:{}", table.qualified());
         let signals = Arc::new(Signals::default());
         let listener_up = Arc::new(AtomicBool::new(false));
@@ -380,6 +393,7 @@ impl PgBackend {
         let _ = tokio::time::timeout(config.connect_timeout, ready_rx).await;
         Ok(PgBackend {
             pool,
+            claim_pool,
             sql: Sql::new(&table),
             table,
             channel,
@@ -441,14 +455,6 @@ impl PgBackend {
                 let sql = stmt
                     .replace("{table}", &self.table.qualified())
                     .replace("{name}", self.table.name())
-                    .replace(
-                        "{schema.}",
-                        &self
-                            .table
-                            .schema()
-                            .map(|s| format!("{s}."))
-                            .unwrap_or_default(),
-                    )
                     .replace(
                         "{locks}",
                         &self.table.sibling(&format!("{}_locks", self.table.name())),
@@ -540,11 +546,18 @@ impl PgBackend {
     /// bound parameters, hence the expressions.) The generic plan is the one a prepared
     /// statement settles on after its first five runs, which does not see the values (a custom
     /// plan, made for a batch of 100, would hide a bad generic one); the custom plans are those
-    /// of its first runs on each connection. It runs on a connection of its own, closed
-    /// afterwards, so nothing it prepares or sets stays in the pool.
-    async fn plan(&self, sql: &str, args: &[String], mode: PlanMode) -> Result<String> {
+    /// of its first runs on each connection. It runs on a connection of `pool` (so with the
+    /// settings of the connections that run the statement), detached and closed afterwards, so
+    /// nothing it prepares or sets stays in the pool.
+    async fn plan(
+        &self,
+        pool: &PgPool,
+        sql: &str,
+        args: &[String],
+        mode: PlanMode,
+    ) -> Result<String> {
         let err = map_err(NAME, "explain");
-        let mut conn = self.pool.acquire().await.map_err(&err)?.detach();
+        let mut conn = pool.acquire().await.map_err(&err)?.detach();
         let set = match mode {
             PlanMode::Generic => "SET plan_cache_mode = force_generic_plan",
             PlanMode::Custom => "SET plan_cache_mode = force_custom_plan",
@@ -614,7 +627,11 @@ impl PgBackend {
                 vec!["3600000000".to_owned(), "1000".to_owned()],
             ),
         };
-        self.plan(sql, &args, mode).await
+        let pool = match statement {
+            Statement::Claim { .. } => &self.claim_pool,
+            _ => &self.pool,
+        };
+        self.plan(pool, sql, &args, mode).await
     }
 
     pub(crate) fn claim_index_name(&self) -> String {
@@ -767,7 +784,7 @@ impl Backend for PgBackend {
             .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
             .bind(token_to_db(token))
             .bind(micros(req.lease))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.claim_pool)
             .await
             .map_err(map_err(NAME, "claim"))?;
         let mut out = rows

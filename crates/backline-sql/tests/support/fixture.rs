@@ -11,15 +11,19 @@ use backline_testkit::Task;
 /// The name of the test jobs, as the claim filters on it.
 pub(crate) const NAME: &str = "testkit.task";
 
-/// The jobs [`fill_every_state`] enqueues. The size matters: PostgreSQL, guessing without
-/// statistics, preferred the `(queue, state)` index and a sort to the claim index from about
-/// 50,000 rows on (when the claim index grows a level), and the issue saw it at 100,000.
+/// The jobs [`fill_every_state`] enqueues to run now. The sizes matter: PostgreSQL, guessing
+/// without statistics, preferred the `(queue, state)` index and a sort to the claim index from
+/// about 50,000 ready rows on (when the claim index grows a level), as the issue saw at 100,000;
+/// and without that index, a bitmap scan and a sort once [`LATER`] more rows joined them.
 pub(crate) const JOBS: usize = 100_000;
+
+/// The jobs [`fill_every_state`] schedules an hour ahead.
+pub(crate) const LATER: usize = 90_000;
 
 /// Fills the table through Backline, as an application would, and does nothing about its
 /// statistics: [`JOBS`] jobs enqueued in batches of 1,000, of which 1,000 are then claimed and
 /// finished as succeeded (kept) and 1,000 claimed and left running (leases of an hour), the
-/// rest ready; and 1,000 scheduled an hour ahead.
+/// rest ready; and [`LATER`] scheduled an hour ahead.
 pub(crate) async fn fill_every_state(b: &SqlBackend) {
     let manager = JobManager::new(b.clone());
     for chunk in 0..JOBS / 1000 {
@@ -28,17 +32,19 @@ pub(crate) async fn fill_every_state(b: &SqlBackend) {
             .await
             .expect("enqueue");
     }
-    let later = (0..1000)
-        .map(|i| {
-            manager
-                .prepare(
-                    &Task::ok(format!("later-{i}")),
-                    EnqueueOptions::new().delay(Duration::from_secs(3600)),
-                )
-                .expect("prepare")
-        })
-        .collect::<Vec<_>>();
-    b.push(later).await.expect("enqueue delayed jobs");
+    for chunk in 0..LATER / 1000 {
+        let later = (0..1000)
+            .map(|i| {
+                manager
+                    .prepare(
+                        &Task::ok(format!("later-{chunk}-{i}")),
+                        EnqueueOptions::new().delay(Duration::from_secs(3600)),
+                    )
+                    .expect("prepare")
+            })
+            .collect::<Vec<_>>();
+        b.push(later).await.expect("enqueue delayed jobs");
+    }
     let names = [NAME.to_owned()];
     for finish in [true, false] {
         let claimed = b
