@@ -295,8 +295,9 @@ impl MySqlBackend {
         )
     }
 
-    /// The finish's read of the tokens of `n` claimed rows (locking them).
-    fn finish_select(&self, n: usize) -> String {
+    /// The read of the lease tokens of `n` running rows, locking them, by which the finish and
+    /// the heartbeat begin.
+    fn lease_select(&self, n: usize) -> String {
         format!(
             "SELECT id, lease_token FROM {} WHERE state = 'running' AND id IN ({}) FOR UPDATE",
             self.t,
@@ -363,7 +364,7 @@ impl MySqlBackend {
                 query.bind(100i64)
             }
             Statement::Finish => {
-                let mut query = explain(self.finish_select(slots(100)));
+                let mut query = explain(self.lease_select(slots(100)));
                 for _ in 0..slots(100) {
                     query = query.bind(JobId::new().as_bytes().to_vec());
                 }
@@ -506,7 +507,7 @@ impl Backend for MySqlBackend {
         // Lock the rows and read their tokens, then write each group in one statement.
         let mut held = HashMap::with_capacity(batch.len());
         for chunk in batch.chunks(ID_CHUNK) {
-            let mut query = sqlx::query(AssertSqlSafe(self.finish_select(slots(chunk.len()))));
+            let mut query = sqlx::query(AssertSqlSafe(self.lease_select(slots(chunk.len()))));
             for i in 0..slots(chunk.len()) {
                 query = query.bind(chunk[i.min(chunk.len() - 1)].id.as_bytes().to_vec());
             }
@@ -601,7 +602,7 @@ impl Backend for MySqlBackend {
         let mut tx = self.tx("heartbeat").await?;
         let mut held = HashMap::with_capacity(leases.len());
         for chunk in leases.chunks(ID_CHUNK) {
-            let mut query = sqlx::query(AssertSqlSafe(self.finish_select(slots(chunk.len()))));
+            let mut query = sqlx::query(AssertSqlSafe(self.lease_select(slots(chunk.len()))));
             for i in 0..slots(chunk.len()) {
                 query = query.bind(chunk[i.min(chunk.len() - 1)].0.as_bytes().to_vec());
             }
