@@ -213,6 +213,23 @@ pub(crate) async fn rows(provider: Provider, plan: &Plan) -> Result<Vec<Row>> {
             runs,
         ));
     }
+    if let (Some(&c), true) = (plan.concurrencies.last(), plan.never_analyzed) {
+        let shape = Drain {
+            analyzed: false,
+            ..Drain::new(c)
+        };
+        let runs = repeat(provider, plan.runs, |b| drain(b, n, shape)).await?;
+        rows.push(Row::new(
+            format!("drain_c{c}_never_analyzed"),
+            format!(
+                "drain of {} on a table never analyzed, concurrency {c}",
+                thousands(n as f64)
+            ),
+            n,
+            Unit::JobsPerSecond,
+            runs,
+        ));
+    }
     if let (Some(&c), Some(flat)) = (plan.concurrencies.last(), plan.flat_jobs) {
         let id = format!("drain_c{c}_{flat}");
         if plan.wants(&id) {
@@ -336,8 +353,15 @@ async fn enqueue_batches(backend: Arc<dyn Backend>, n: usize, batch: usize) -> R
     Ok(per_second(n, took))
 }
 
-/// Enqueues `n` no-op jobs in batches of 1,000 (not timed).
+/// Enqueues `n` no-op jobs in batches of 1,000 (not timed), then has a PostgreSQL table
+/// analyzed ([`crate::sql::after_fill`]).
 pub(crate) async fn fill(backend: &Arc<dyn Backend>, n: usize) -> Result<()> {
+    fill_only(backend, n).await?;
+    crate::sql::after_fill().await
+}
+
+/// Enqueues `n` no-op jobs in batches of 1,000 (not timed), nothing else.
+async fn fill_only(backend: &Arc<dyn Backend>, n: usize) -> Result<()> {
     let manager = JobManager::new(backend.clone());
     let mut left = n;
     while left > 0 {
@@ -345,7 +369,7 @@ pub(crate) async fn fill(backend: &Arc<dyn Backend>, n: usize) -> Result<()> {
         manager.enqueue_batch((0..k).map(|_| Noop)).await?;
         left -= k;
     }
-    crate::sql::after_fill().await
+    Ok(())
 }
 
 /// The shape of a drain: how many servers, each with which concurrency and claim batch.
@@ -359,6 +383,9 @@ pub(crate) struct Drain {
     pub(crate) claim_batch: usize,
     /// How long succeeded jobs are kept.
     pub(crate) keep: Duration,
+    /// Whether a PostgreSQL table is analyzed after the fill; if not, it never is (autovacuum
+    /// is turned off for it before the fill).
+    pub(crate) analyzed: bool,
 }
 
 impl Drain {
@@ -369,6 +396,7 @@ impl Drain {
             concurrency: c,
             claim_batch: c.min(1_000),
             keep: Duration::ZERO,
+            analyzed: true,
         }
     }
 }
@@ -376,7 +404,12 @@ impl Drain {
 /// Enqueues `n` no-op jobs (not timed), then times `shape.servers` servers draining them with
 /// `run_until_idle`; jobs/s.
 pub(crate) async fn drain(backend: Arc<dyn Backend>, n: usize, shape: Drain) -> Result<f64> {
-    fill(&backend, n).await?;
+    if shape.analyzed {
+        fill(&backend, n).await?;
+    } else {
+        crate::sql::never_analyze().await?;
+        fill_only(&backend, n).await?;
+    }
     let done = Arc::new(AtomicUsize::new(0));
     let mut servers = Vec::with_capacity(shape.servers);
     for _ in 0..shape.servers {

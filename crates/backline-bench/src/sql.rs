@@ -87,17 +87,39 @@ fn unique_table() -> String {
     )
 }
 
-/// The PostgreSQL pool and `ANALYZE` statement of the latest fresh table (runs are sequential).
+/// The PostgreSQL pool and qualified name of the latest fresh table (runs are sequential).
 static PG_CURRENT: std::sync::Mutex<Option<(sqlx::PgPool, String)>> = std::sync::Mutex::new(None);
 
 /// After a fill (not timed): `ANALYZE` the latest fresh PostgreSQL table, as autovacuum would
-/// soon after a bulk insert. Without statistics the planner picks the `(queue, state)` index and
-/// sorts every ready row on each claim (measured: 100k queued drained at ~3.4k jobs/s, raw claim
-/// at ~6.4k), which is a cold-start effect, not the steady state this benchmark compares.
+/// soon after a bulk insert where it runs. Backline's plans no longer depend on it (issue 11:
+/// without statistics the planner used to take a `(queue, state)` index and sort every ready
+/// row on each claim, 100k queued drained at ~3.4k jobs/s); the row "drain of 100,000 on a table
+/// never analyzed" ([`never_analyze`]) measures the same drain without it. Measured with six
+/// alternating runs of the baseline and the change (`--runs 1`, a loaded shared machine):
+/// analyzed drain at concurrency 256 median 31.3k jobs/s (22.2k-53.0k) before, 38.8k
+/// (19.1k-44.2k) after; never analyzed, after, 47.2k (14.8k-50.7k), and in each run within
+/// the analyzed row's spread. Before the change the never-analyzed drain ran at 3.4k-3.5k
+/// jobs/s (two runs) against 18k-20k analyzed in the same runs.
 pub(crate) async fn after_fill() -> Result<()> {
     let current = PG_CURRENT.lock().ok().and_then(|c| c.clone());
-    if let Some((pool, analyze)) = current {
-        sqlx::query(AssertSqlSafe(analyze)).execute(&pool).await?;
+    if let Some((pool, table)) = current {
+        sqlx::query(AssertSqlSafe(format!("ANALYZE {table}")))
+            .execute(&pool)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Before a fill (not timed): turns autovacuum off for the latest fresh PostgreSQL table, so
+/// that it keeps no statistics where autovacuum runs (on the test machines it is off anyway).
+pub(crate) async fn never_analyze() -> Result<()> {
+    let current = PG_CURRENT.lock().ok().and_then(|c| c.clone());
+    if let Some((pool, table)) = current {
+        sqlx::query(AssertSqlSafe(format!(
+            "ALTER TABLE {table} SET (autovacuum_enabled = false)"
+        )))
+        .execute(&pool)
+        .await?;
     }
     Ok(())
 }
@@ -128,9 +150,8 @@ impl FreshTable {
             )
         })?;
         if let Some(pool) = backend.pg_pool() {
-            let analyze = format!("ANALYZE {}", backend.table().qualified());
             if let Ok(mut current) = PG_CURRENT.lock() {
-                *current = Some((pool.clone(), analyze));
+                *current = Some((pool.clone(), backend.table().qualified()));
             }
         }
         Ok(FreshTable { backend, db, name })

@@ -201,7 +201,9 @@ impl SqlConfig {
         self
     }
 
-    /// The most connections in the pool (default 10).
+    /// The most connections in the pool (default 10). On PostgreSQL the claims have a pool of
+    /// their own with the same bound, opened on demand (in practice one connection per queue a
+    /// server claims from); see the crate docs on plans without statistics.
     pub fn with_max_connections(mut self, n: u32) -> Self {
         self.max_connections = n;
         self

@@ -53,20 +53,45 @@ pub struct SqlBackend {
     max_payload: usize,
 }
 
+/// A statement of the provider whose plan [`SqlBackend::explain`] shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Statement<'a> {
+    /// The claim of a batch of ready jobs of `queue` with one of `names`.
+    Claim {
+        /// The queue claimed from.
+        queue: &'a str,
+        /// The job names the server has handlers for.
+        names: &'a [String],
+    },
+    /// The batched finish (on MySQL and SQLite, its read of the claimed rows' tokens).
+    Finish,
+    /// The promotion of due scheduled and retrying jobs (on MySQL, its select).
+    Promote,
+    /// The recovery of expired leases (on MySQL, its select).
+    Recover,
+    /// Retention: the deletion of succeeded jobs past their time to live.
+    Prune,
+}
+
+/// Which of PostgreSQL's plans of a prepared statement [`SqlBackend::explain`] shows. MySQL
+/// and SQLite plan each execution alike and ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanMode {
+    /// The plan made without the parameters' values (`plan_cache_mode = force_generic_plan`),
+    /// which a prepared statement settles on after its first five runs.
+    Generic,
+    /// The plan made for the parameters' values (`plan_cache_mode = force_custom_plan`), as
+    /// in a prepared statement's first runs on each connection.
+    Custom,
+}
+
 /// What every driver does beyond [`Backend`].
 #[async_trait]
 pub(crate) trait DriverOps: Backend {
     /// Applies the migrations up to schema version `target` (capped at the newest).
     async fn migrate(&self, target: usize) -> Result<()>;
-    async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String>;
-    /// The generic plan of the batched finish (PostgreSQL only: elsewhere the finish is
-    /// plain `… WHERE id IN (…)` statements).
-    async fn explain_finish(&self) -> Result<String> {
-        Err(Error::Unsupported {
-            backend: self.name(),
-            what: "explain_finish",
-        })
-    }
+    async fn explain(&self, statement: Statement<'_>, mode: PlanMode) -> Result<String>;
     fn claim_index_name(&self) -> String;
     /// Whether a push leads a group commit, and how many pushes wait for one.
     fn group_state(&self) -> (bool, usize);
@@ -240,17 +265,25 @@ impl SqlBackend {
         Ok(jobs.iter().map(|j| j.id).collect())
     }
 
-    /// The plan the database makes for the claim of `queue` (PostgreSQL: `EXPLAIN`), to check
-    /// that it reads the claim index.
+    /// The plan the database makes for the claim of `queue` (PostgreSQL: its generic plan), to
+    /// check that it reads the claim index.
     pub async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
-        self.ops.explain_claim(queue, names).await
+        self.explain(Statement::Claim { queue, names }, PlanMode::Generic)
+            .await
     }
 
-    /// The plan PostgreSQL settles on for the batched finish of a prepared statement (its
-    /// generic plan), to check that it finds jobs through the primary key; `Unsupported` on the
-    /// other databases.
+    /// The plan the database makes for the batched finish (PostgreSQL: its generic plan), to
+    /// check that it finds jobs through the primary key.
     pub async fn explain_finish(&self) -> Result<String> {
-        self.ops.explain_finish().await
+        self.explain(Statement::Finish, PlanMode::Generic).await
+    }
+
+    /// The plan the database makes for one of its statements, as text (`EXPLAIN`; SQLite:
+    /// `EXPLAIN QUERY PLAN`; MySQL: one line per table, `type=… key=… extra=…`), with
+    /// representative parameters (batches of 100 to 1,000, retention of an hour). Nothing is
+    /// changed: PostgreSQL explains inside a transaction that it rolls back.
+    pub async fn explain(&self, statement: Statement<'_>, mode: PlanMode) -> Result<String> {
+        self.ops.explain(statement, mode).await
     }
 
     /// The name of the claim index (`{table}_claim`).

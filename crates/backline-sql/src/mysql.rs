@@ -23,6 +23,7 @@ use crate::common::{
 };
 use crate::config::{SqlConfig, TableName};
 use crate::group::{Commit, GroupCommit};
+use crate::{PlanMode, Statement};
 
 const NAME: &str = "mysql";
 
@@ -317,17 +318,93 @@ impl MySqlBackend {
         )
     }
 
-    pub(crate) async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
-        let sql = format!("EXPLAIN {}", self.claim_select(names.len()));
-        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(queue.to_owned());
-        for n in names {
-            query = query.bind(n.clone());
-        }
+    /// The read of the lease tokens of `n` running rows, locking them, by which the finish and
+    /// the heartbeat begin.
+    fn lease_select(&self, n: usize) -> String {
+        format!(
+            "SELECT id, lease_token FROM {} WHERE state = 'running' AND id IN ({}) FOR UPDATE",
+            self.t,
+            placeholders(n)
+        )
+    }
+
+    // The maintenance selects name their index, as the claim does: the optimizer's choice
+    // follows InnoDB's persistent statistics, which on a freshly filled table describe the
+    // table as it was when it was small (computed in the background after 10% of it changed):
+    // with them MariaDB served the promotion from the claim index and retention from the
+    // due index, each with a filesort of every matching row. `state = ?` rather than
+    // `state IN ('scheduled', 'retrying')`: an `IN` makes two ranges of `(state, run_at)`,
+    // which come out in `run_at` order only through a filesort, so the promotion reads one
+    // state at a time.
+
+    /// The promotion's select of due jobs of one state (`?`), oldest first.
+    fn promote_select(&self) -> String {
+        format!(
+            "SELECT id, queue FROM {t} FORCE INDEX ({n}_due)
+            WHERE state = ? AND run_at <= UTC_TIMESTAMP(6)
+            ORDER BY run_at LIMIT ?
+            FOR UPDATE SKIP LOCKED",
+            t = self.t,
+            n = self.table.name(),
+        )
+    }
+
+    /// The lease recovery's select of expired leases, oldest first.
+    fn recover_select(&self) -> String {
+        format!(
+            "SELECT id, queue, attempt >= max_attempts AS last FROM {t} FORCE INDEX ({n}_lease)
+            WHERE state = 'running' AND lease_until <= UTC_TIMESTAMP(6)
+            ORDER BY lease_until LIMIT ?
+            FOR UPDATE SKIP LOCKED",
+            t = self.t,
+            n = self.table.name(),
+        )
+    }
+
+    /// Retention's delete of a batch of jobs of `state` past their time to live. A `DELETE`
+    /// takes no index hint, so the batch is picked in a derived table that does.
+    fn prune_delete(&self, state: &str) -> String {
+        format!(
+            "DELETE j FROM {t} AS j JOIN (
+                SELECT id FROM {t} FORCE INDEX ({n}_finished)
+                WHERE state = '{state}' AND finished_at <= UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND
+                ORDER BY finished_at LIMIT ?
+            ) AS p ON j.id = p.id",
+            t = self.t,
+            n = self.table.name(),
+        )
+    }
+
+    /// The plan of `statement` (`EXPLAIN`), one line per table: `type=… key=… extra=…`.
+    pub(crate) async fn explain(&self, statement: Statement<'_>) -> Result<String> {
+        let explain = |sql: String| sqlx::query(AssertSqlSafe(format!("EXPLAIN {sql}")));
+        let query = match statement {
+            Statement::Claim { queue, names } => {
+                let mut query = explain(self.claim_select(names.len())).bind(queue.to_owned());
+                for n in names {
+                    query = query.bind(n.clone());
+                }
+                query.bind(100i64)
+            }
+            Statement::Finish => {
+                let mut query = explain(self.lease_select(slots(100)));
+                for _ in 0..slots(100) {
+                    query = query.bind(JobId::new().as_bytes().to_vec());
+                }
+                query
+            }
+            Statement::Promote => explain(self.promote_select())
+                .bind("scheduled")
+                .bind(1_000i64),
+            Statement::Recover => explain(self.recover_select()).bind(1_000i64),
+            Statement::Prune => explain(self.prune_delete("succeeded"))
+                .bind(3_600_000_000i64)
+                .bind(1_000i64),
+        };
         let rows = query
-            .bind(100i64)
             .fetch_all(&self.pool)
             .await
-            .map_err(map_err(NAME, "explain the claim"))?;
+            .map_err(map_err(NAME, "explain"))?;
         let mut plan = String::new();
         for r in rows {
             let key: Option<String> = r.try_get("key").unwrap_or(None);
@@ -358,8 +435,8 @@ impl crate::DriverOps for MySqlBackend {
         MySqlBackend::migrate(self, target).await
     }
 
-    async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
-        MySqlBackend::explain_claim(self, queue, names).await
+    async fn explain(&self, statement: Statement<'_>, _mode: PlanMode) -> Result<String> {
+        MySqlBackend::explain(self, statement).await
     }
 
     fn claim_index_name(&self) -> String {
@@ -520,10 +597,7 @@ impl Backend for MySqlBackend {
         // Lock the rows and read their tokens, then write each group in one statement.
         let mut held = HashMap::with_capacity(batch.len());
         for chunk in batch.chunks(ID_CHUNK) {
-            let mut query = sqlx::query(AssertSqlSafe(format!(
-                "SELECT id, lease_token FROM {t} WHERE state = 'running' AND id IN ({}) FOR UPDATE",
-                placeholders(slots(chunk.len()))
-            )));
+            let mut query = sqlx::query(AssertSqlSafe(self.lease_select(slots(chunk.len()))));
             for i in 0..slots(chunk.len()) {
                 query = query.bind(chunk[i.min(chunk.len() - 1)].id.as_bytes().to_vec());
             }
@@ -618,10 +692,7 @@ impl Backend for MySqlBackend {
         let mut tx = self.tx("heartbeat").await?;
         let mut held = HashMap::with_capacity(leases.len());
         for chunk in leases.chunks(ID_CHUNK) {
-            let mut query = sqlx::query(AssertSqlSafe(format!(
-                "SELECT id, lease_token FROM {t} WHERE state = 'running' AND id IN ({}) FOR UPDATE",
-                placeholders(slots(chunk.len()))
-            )));
+            let mut query = sqlx::query(AssertSqlSafe(self.lease_select(slots(chunk.len()))));
             for i in 0..slots(chunk.len()) {
                 query = query.bind(chunk[i.min(chunk.len() - 1)].0.as_bytes().to_vec());
             }
@@ -673,18 +744,23 @@ impl Backend for MySqlBackend {
         let mut report = MaintenanceReport::default();
         let mut woken: HashSet<String> = HashSet::new();
 
-        // Promote due jobs.
+        // Promote due jobs: scheduled ones, then retrying ones (one ordered range each).
         let mut tx = self.tx("promote due jobs").await?;
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT id, queue FROM {t}
-            WHERE state IN ('scheduled', 'retrying') AND run_at <= UTC_TIMESTAMP(6)
-            ORDER BY run_at LIMIT ?
-            FOR UPDATE SKIP LOCKED"
-        )))
-        .bind(batch)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(&err)?;
+        let mut rows = Vec::new();
+        for state in ["scheduled", "retrying"] {
+            let left = batch - i64::try_from(rows.len()).unwrap_or(i64::MAX);
+            if left <= 0 {
+                break;
+            }
+            rows.extend(
+                sqlx::query(AssertSqlSafe(self.promote_select()))
+                    .bind(state)
+                    .bind(left)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(&err)?,
+            );
+        }
         if !rows.is_empty() {
             let mut update = sqlx::query(AssertSqlSafe(format!(
                 "UPDATE {t} SET state = 'ready' WHERE id IN ({})",
@@ -701,16 +777,11 @@ impl Backend for MySqlBackend {
 
         // Recover expired leases.
         let mut tx = self.tx("recover expired leases").await?;
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT id, queue, attempt >= max_attempts AS last FROM {t}
-            WHERE state = 'running' AND lease_until <= UTC_TIMESTAMP(6)
-            ORDER BY lease_until LIMIT ?
-            FOR UPDATE SKIP LOCKED"
-        )))
-        .bind(batch)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(&err)?;
+        let rows = sqlx::query(AssertSqlSafe(self.recover_select()))
+            .bind(batch)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(&err)?;
         if !rows.is_empty() {
             let mut update = sqlx::query(AssertSqlSafe(format!(
                 "UPDATE {t} SET
@@ -742,16 +813,12 @@ impl Backend for MySqlBackend {
             if left == 0 {
                 break;
             }
-            let r = sqlx::query(AssertSqlSafe(format!(
-                "DELETE FROM {t}
-                WHERE state = '{state}' AND finished_at <= UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND
-                ORDER BY finished_at LIMIT ?"
-            )))
-            .bind(micros(ttl))
-            .bind(i64::try_from(left).unwrap_or(i64::MAX))
-            .execute(&self.pool)
-            .await
-            .map_err(&err)?;
+            let r = sqlx::query(AssertSqlSafe(self.prune_delete(state)))
+                .bind(micros(ttl))
+                .bind(i64::try_from(left).unwrap_or(i64::MAX))
+                .execute(&self.pool)
+                .await
+                .map_err(&err)?;
             report.pruned += r.rows_affected();
         }
         for q in &woken {

@@ -25,6 +25,7 @@ use crate::common::{
 };
 use crate::config::{SqlConfig, TableName};
 use crate::group::{Commit, GroupCommit};
+use crate::{PlanMode, Statement};
 
 const NAME: &str = "postgres";
 
@@ -78,6 +79,25 @@ const MIGRATIONS: &[&[&str]] = &[&[
 
 /// The constraints of version 2, validated after their migration.
 const VALIDATED: [&str; 2] = ["ranges", "times"];
+
+/// The settings of the claim's connections: `enable_sort = off`, so that the planner takes a
+/// plan with a sort only where no other plan exists. Without statistics (a table never analyzed:
+/// a fresh table after a burst of enqueues, or any server where autovacuum is off or behind; and
+/// per-table autovacuum settings do nothing where it is off globally) the planner guesses about
+/// one row for `state = 'ready' AND queue = $1 AND name = ANY($2)`, whatever the depth, and for
+/// one row a sort is free: reading the claim index in order, reading the `(queue, state)` index
+/// (which matches two of the equalities) and sorting, and a bitmap scan of the claim index and a
+/// sort then cost the same to a hair, and the size of the table picks the winner (measured with
+/// 100,000 ready jobs: the `(queue, state)` index and a sort of all of them; without that index,
+/// the ordered scan, until 90,000 jobs in other states joined them and the bitmap scan won; each
+/// sort 30-250 ms a claim instead of 1). No statement form breaks that
+/// tie (three equalities estimate one row however they are written), and an `ANALYZE` by the
+/// maintenance would only shorten the bad stretch; so the claim runs where the sort cannot win:
+/// the claim index is read in its `ORDER BY` order, the one plan without a sort. The setting
+/// travels as a startup parameter of these connections only, never of the pool the application
+/// gets from `pg_pool()`, and costs no round trip. (Behind PgBouncer the `options` parameter must
+/// be allowed, or ignored through `ignore_startup_parameters`.)
+const CLAIM_OPTIONS: &[(&str, &str)] = &[("enable_sort", "off")];
 
 /// The outcome kinds as the finish statements name them.
 const KIND_DROP: &str = "drop";
@@ -213,12 +233,19 @@ impl Sql {
                 WHERE j.id = ANY($1::uuid[]) AND j.id = i.id AND j.lease_token = i.token
                 RETURNING j.id, j.lease_token"
             )),
+            // Promotion, lease recovery and retention read their partial index in its order
+            // and stop after the batch. Their `LIMIT` is a sub-select, which the planner cannot
+            // see into: it costs such a limit as a tenth of the rows, so reading the index in
+            // order and stopping early is the cheapest plan for any row estimate. With a plain
+            // `LIMIT $1`, the custom plans of a prepared statement's first runs see the batch
+            // (1,000) and, on a table without statistics (which guess a few hundred due rows),
+            // chose a bitmap scan of every due row and a sort of them all.
             promote: s(format!(
                 "UPDATE {t} AS j SET state = 'ready'
                 WHERE j.id = ANY(ARRAY(
                     SELECT id FROM {t}
                     WHERE state IN ('scheduled', 'retrying') AND run_at <= now()
-                    ORDER BY run_at LIMIT $1
+                    ORDER BY run_at LIMIT (SELECT $1::int8)
                     FOR UPDATE SKIP LOCKED
                 ))
                 RETURNING j.queue"
@@ -234,7 +261,7 @@ impl Sql {
                 WHERE j.id = ANY(ARRAY(
                     SELECT id FROM {t}
                     WHERE state = 'running' AND lease_until <= now()
-                    ORDER BY lease_until LIMIT $1
+                    ORDER BY lease_until LIMIT (SELECT $1::int8)
                     FOR UPDATE SKIP LOCKED
                 ))
                 RETURNING j.queue, j.state"
@@ -287,7 +314,7 @@ impl Sql {
             WHERE id = ANY(ARRAY(
                 SELECT id FROM {t}
                 WHERE state = '{state}' AND finished_at <= now() - $1::int8 * interval '1 microsecond'
-                ORDER BY finished_at LIMIT $2
+                ORDER BY finished_at LIMIT (SELECT $2::int8)
                 FOR UPDATE SKIP LOCKED
             ))"
         )
@@ -344,6 +371,8 @@ const PG_EPOCH_US: i64 = 946_684_800_000_000;
 /// The PostgreSQL backend behind [`SqlBackend`](crate::SqlBackend).
 pub(crate) struct PgBackend {
     pool: PgPool,
+    /// The claim's own connections, which plan with sorts disabled (see [`CLAIM_OPTIONS`]).
+    claim_pool: PgPool,
     table: TableName,
     channel: String,
     sql: Sql,
@@ -370,6 +399,11 @@ impl PgBackend {
             .connect_with(options.clone())
             .await
             .map_err(map_err(NAME, "connect"))?;
+        let claim_pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .min_connections(0)
+            .acquire_timeout(config.connect_timeout)
+            .connect_lazy_with(options.clone().options(CLAIM_OPTIONS.iter().copied()));
         let channel = format!("backline:{}", table.qualified());
         let signals = Arc::new(Signals::default());
         let listener_up = Arc::new(AtomicBool::new(false));
@@ -397,6 +431,7 @@ impl PgBackend {
         let _ = tokio::time::timeout(config.connect_timeout, ready_rx).await;
         Ok(PgBackend {
             pool,
+            claim_pool,
             sql: Sql::new(&table),
             table,
             channel,
@@ -594,22 +629,42 @@ impl PgBackend {
         Ok(())
     }
 
-    /// The generic plan of `query` (an `EXPLAIN …` with its parameters bound): the plan a
-    /// prepared statement settles on after a few runs, which does not see the parameters'
-    /// values (a custom plan, made for a batch of 100, would hide a bad generic one).
-    async fn generic_plan(
+    /// The plan of `sql` in `mode`, for the parameters `args` (SQL expressions). The statement
+    /// is prepared with SQL's `PREPARE` and explained with `EXPLAIN EXECUTE`, so that
+    /// `plan_cache_mode` applies: an `EXPLAIN` of the statement itself with its parameters bound
+    /// plans for their values (a custom plan) whatever that setting says. (`EXECUTE` takes no
+    /// bound parameters, hence the expressions.) The generic plan is the one a prepared
+    /// statement settles on after its first five runs, which does not see the values (a custom
+    /// plan, made for a batch of 100, would hide a bad generic one); the custom plans are those
+    /// of its first runs on each connection. It runs on a connection of `pool` (so with the
+    /// settings of the connections that run the statement), detached and closed afterwards, so
+    /// nothing it prepares or sets stays in the pool.
+    async fn plan(
         &self,
-        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
-        op: &'static str,
+        pool: &PgPool,
+        sql: &str,
+        args: &[String],
+        mode: PlanMode,
     ) -> Result<String> {
-        let err = map_err(NAME, op);
-        let mut tx = self.pool.begin().await.map_err(&err)?;
-        sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
-            .execute(&mut *tx)
+        let err = map_err(NAME, "explain");
+        let mut conn = pool.acquire().await.map_err(&err)?.detach();
+        let set = match mode {
+            PlanMode::Generic => "SET plan_cache_mode = force_generic_plan",
+            PlanMode::Custom => "SET plan_cache_mode = force_custom_plan",
+        };
+        sqlx::raw_sql(set).execute(&mut conn).await.map_err(&err)?;
+        sqlx::raw_sql(AssertSqlSafe(format!("PREPARE backline_explain AS {sql}")))
+            .execute(&mut conn)
             .await
             .map_err(&err)?;
-        let rows = query.fetch_all(&mut *tx).await.map_err(&err)?;
-        tx.rollback().await.map_err(&err)?;
+        let rows = sqlx::raw_sql(AssertSqlSafe(format!(
+            "EXPLAIN EXECUTE backline_explain({})",
+            args.join(", ")
+        )))
+        .fetch_all(&mut conn)
+        .await
+        .map_err(&err)?;
+        let _ = sqlx::Connection::close(conn).await;
         let mut plan = String::new();
         for r in rows {
             let line: String = r.try_get(0).map_err(&err)?;
@@ -619,27 +674,54 @@ impl PgBackend {
         Ok(plan)
     }
 
-    /// The claim's generic plan.
-    pub(crate) async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
-        let query = sqlx::query(AssertSqlSafe(format!("EXPLAIN {}", self.sql.claim)))
-            .bind(queue.to_owned())
-            .bind(names.to_vec())
-            .bind(100i64)
-            .bind(0i64)
-            .bind(1_000_000i64);
-        self.generic_plan(query, "explain the claim").await
-    }
-
-    /// The finish statement's generic plan.
-    pub(crate) async fn explain_finish(&self) -> Result<String> {
-        let query = sqlx::query(AssertSqlSafe(format!("EXPLAIN {}", self.sql.finish)))
-            .bind(Vec::<uuid::Uuid>::new())
-            .bind(Vec::<i64>::new())
-            .bind(Vec::<String>::new())
-            .bind(Vec::<i64>::new())
-            .bind(Vec::<String>::new())
-            .bind(self.channel.clone());
-        self.generic_plan(query, "explain the finish").await
+    /// The plan of `statement` in `mode`, with representative parameters. Nothing is executed.
+    pub(crate) async fn explain(&self, statement: Statement<'_>, mode: PlanMode) -> Result<String> {
+        // Text from the caller travels as hex digits: nothing in it can end the literal.
+        let text = |s: &str| {
+            let hex: String = s.bytes().map(|b| format!("{b:02x}")).collect();
+            format!("convert_from(decode('{hex}', 'hex'), 'UTF8')")
+        };
+        let ids = (0..100)
+            .map(|_| JobId::new().to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let (sql, args) = match statement {
+            Statement::Claim { queue, names } => {
+                let names = names.iter().map(|n| text(n)).collect::<Vec<_>>();
+                (
+                    &self.sql.claim,
+                    vec![
+                        text(queue),
+                        format!("ARRAY[{}]::text[]", names.join(", ")),
+                        "100".to_owned(),
+                        "0".to_owned(),
+                        "1000000".to_owned(),
+                    ],
+                )
+            }
+            Statement::Finish => (
+                &self.sql.finish,
+                vec![
+                    format!("'{{{ids}}}'::uuid[]"),
+                    "array_fill(0::int8, ARRAY[100])".to_owned(),
+                    format!("array_fill('{KIND_SUCCEEDED}'::text, ARRAY[100])"),
+                    "array_fill(0::int8, ARRAY[100])".to_owned(),
+                    "array_fill(NULL::text, ARRAY[100])".to_owned(),
+                    text(&self.channel),
+                ],
+            ),
+            Statement::Promote => (&self.sql.promote, vec!["1000".to_owned()]),
+            Statement::Recover => (&self.sql.expire, vec!["1000".to_owned()]),
+            Statement::Prune => (
+                &self.sql.prune_succeeded,
+                vec!["3600000000".to_owned(), "1000".to_owned()],
+            ),
+        };
+        let pool = match statement {
+            Statement::Claim { .. } => &self.claim_pool,
+            _ => &self.pool,
+        };
+        self.plan(pool, sql, &args, mode).await
     }
 
     pub(crate) fn claim_index_name(&self) -> String {
@@ -745,12 +827,8 @@ impl crate::DriverOps for PgBackend {
         PgBackend::migrate(self, target).await
     }
 
-    async fn explain_claim(&self, queue: &str, names: &[String]) -> Result<String> {
-        PgBackend::explain_claim(self, queue, names).await
-    }
-
-    async fn explain_finish(&self) -> Result<String> {
-        PgBackend::explain_finish(self).await
+    async fn explain(&self, statement: Statement<'_>, mode: PlanMode) -> Result<String> {
+        PgBackend::explain(self, statement, mode).await
     }
 
     fn claim_index_name(&self) -> String {
@@ -1083,7 +1161,7 @@ impl PgBackend {
             .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
             .bind(token_to_db(token))
             .bind(micros(req.lease))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.claim_pool)
             .await
             .map_err(map_err(NAME, "claim"))?;
         let (jobs, bad) = decode_all(&rows);

@@ -10,8 +10,8 @@ mod support;
 use support::corrupt::{self, Dialect};
 
 use backline_core::Error;
-use backline_sql::{SqlBackend, SqlConfig};
-use support::{fresh_table, Db};
+use backline_sql::{sqlx, PlanMode, SqlBackend, SqlConfig};
+use support::{fixture, fresh_table, Db};
 
 const DB: Db = Db::Mysql;
 
@@ -75,6 +75,51 @@ async fn the_claim_reads_the_claim_index_without_sorting() {
         b.claim_index_name()
     );
     assert!(!plan.contains("filesort"), "the claim sorts:\n{plan}");
+}
+
+/// The claim reads the claim index without a filesort, the finish reads the claimed rows
+/// through the primary key, and promotion, lease recovery and retention read their index in
+/// its order: on a freshly filled table (whose persistent statistics describe it as it was
+/// when it was small) and after `ANALYZE TABLE`. Each statement names its index, so neither
+/// state of the statistics can move it to a filesort or a full scan.
+#[tokio::test]
+async fn with_or_without_fresh_statistics_every_statement_keeps_its_plan() {
+    if !reachable().await {
+        return;
+    }
+    let b = connect(&fresh_table()).await;
+    fixture::fill_every_state(&b).await;
+    assert_plans(&b).await;
+    let pool = b.mysql_pool().expect("mysql").clone();
+    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE TABLE {}", b.table())))
+        .execute(&pool)
+        .await
+        .expect("analyze");
+    assert_plans(&b).await;
+}
+
+async fn assert_plans(b: &SqlBackend) {
+    let (claim, finish) = fixture::claim_and_finish(b, PlanMode::Generic).await;
+    assert!(
+        claim.contains(&format!("key={}", b.claim_index_name())),
+        "the claim does not read {}:\n{claim}",
+        b.claim_index_name()
+    );
+    assert!(!claim.contains("filesort"), "the claim sorts:\n{claim}");
+    assert!(
+        finish.contains("key=PRIMARY"),
+        "the finish does not read the primary key:\n{finish}"
+    );
+    for (index, plan) in fixture::maintenance(b, PlanMode::Generic).await {
+        assert!(
+            plan.contains(&format!("key={index}")),
+            "the statement does not read {index}:\n{plan}"
+        );
+        assert!(!plan.contains("filesort"), "it sorts:\n{plan}");
+    }
+    for plan in [claim, finish] {
+        assert!(!plan.contains("type=ALL "), "a full scan:\n{plan}");
+    }
 }
 
 #[tokio::test]

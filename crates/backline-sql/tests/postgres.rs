@@ -10,9 +10,9 @@ mod support;
 use support::corrupt::{self, Dialect};
 
 use backline_core::{EnqueueOptions, Error, JobManager};
-use backline_sql::{SqlBackend, SqlConfig};
+use backline_sql::{sqlx, PlanMode, SqlBackend, SqlConfig};
 use backline_testkit::Task;
-use support::{fresh_table, Db};
+use support::{fixture, fresh_table, Db};
 
 const DB: Db = Db::Postgres;
 
@@ -106,6 +106,123 @@ async fn the_finish_finds_jobs_through_the_primary_key() {
         !plan.contains("Seq Scan"),
         "the finish scans the whole table:\n{plan}"
     );
+}
+
+/// A fresh table that autovacuum may not analyze (a no-op where it is off globally, as on the
+/// test machines), filled in every state; asserts that it has no statistics.
+async fn never_analyzed() -> SqlBackend {
+    let b = connect(&fresh_table()).await;
+    let pool = b.pg_pool().expect("postgres").clone();
+    let t = b.table().qualified();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE {t} SET (autovacuum_enabled = false)"
+    )))
+    .execute(&pool)
+    .await
+    .expect("autovacuum off");
+    fixture::fill_every_state(&b).await;
+    let analyzed: (f32, i64) = sqlx::query_as(
+        "SELECT reltuples, (SELECT count(*) FROM pg_stats WHERE schemaname || '.' || tablename = $2 OR tablename = $2)
+        FROM pg_class WHERE oid = $1::regclass",
+    )
+    .bind(&t)
+    .bind(&t)
+    .fetch_one(&pool)
+    .await
+    .expect("read pg_class");
+    assert_eq!(analyzed, (-1.0, 0), "{t} has statistics");
+    b
+}
+
+fn assert_claim_plan(b: &SqlBackend, plan: &str) {
+    assert!(
+        plan.contains(&b.claim_index_name()),
+        "the claim does not read {}:\n{plan}",
+        b.claim_index_name()
+    );
+    assert!(!plan.contains("Sort"), "the claim sorts:\n{plan}");
+    assert!(
+        !plan.contains("Seq Scan"),
+        "the claim scans the whole table:\n{plan}"
+    );
+}
+
+fn assert_finish_plan(b: &SqlBackend, plan: &str) {
+    let name = b.table().name().to_owned();
+    assert!(
+        plan.contains(&format!("{name}_pkey")),
+        "the finish does not use the primary key:\n{plan}"
+    );
+    assert!(
+        !plan.contains(&format!("{name}_lease")),
+        "the finish reads the lease index:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Seq Scan"),
+        "the finish scans the whole table:\n{plan}"
+    );
+}
+
+fn assert_maintenance_plans(plans: &[(String, String)], mode: PlanMode) {
+    for (index, plan) in plans {
+        assert!(
+            plan.contains(index),
+            "{mode:?}: the statement does not read {index}:\n{plan}"
+        );
+        assert!(!plan.contains("Sort"), "{mode:?}: it sorts:\n{plan}");
+        assert!(
+            !plan.contains("Seq Scan"),
+            "{mode:?}: it scans the whole table:\n{plan}"
+        );
+    }
+}
+
+/// On a table that was never analyzed (a fresh table after a burst of enqueues, or any server
+/// where autovacuum is off or behind), the claim still reads the claim index without sorting,
+/// in the generic plan a prepared statement settles on and in the custom plans of its first
+/// runs, and the finish still finds its jobs through the primary key in the generic plan. (The
+/// finish's custom plan sees the length of its id array and may rightly prefer one pass over a
+/// table to 100 index probes; it is made for a connection's first five runs only.)
+#[tokio::test]
+async fn without_statistics_the_claim_and_the_finish_keep_their_plans() {
+    if !reachable().await {
+        return;
+    }
+    let b = never_analyzed().await;
+    for mode in [PlanMode::Generic, PlanMode::Custom] {
+        let (claim, finish) = fixture::claim_and_finish(&b, mode).await;
+        assert_claim_plan(&b, &claim);
+        if mode == PlanMode::Generic {
+            assert_finish_plan(&b, &finish);
+        }
+    }
+}
+
+/// Promotion, lease recovery and retention read their partial index in its order and stop
+/// after the batch, with statistics or without, in generic and custom plans: never a sort of
+/// every due, expired or old row.
+#[tokio::test]
+async fn maintenance_reads_its_indexes_in_order_with_or_without_statistics() {
+    if !reachable().await {
+        return;
+    }
+    let b = never_analyzed().await;
+    for mode in [PlanMode::Generic, PlanMode::Custom] {
+        assert_maintenance_plans(&fixture::maintenance(&b, mode).await, mode);
+    }
+    let pool = b.pg_pool().expect("postgres").clone();
+    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {}", b.table())))
+        .execute(&pool)
+        .await
+        .expect("analyze");
+    for mode in [PlanMode::Generic, PlanMode::Custom] {
+        assert_maintenance_plans(&fixture::maintenance(&b, mode).await, mode);
+        let (claim, finish) = fixture::claim_and_finish(&b, mode).await;
+        assert_claim_plan(&b, &claim);
+        if mode == PlanMode::Generic {
+            assert_finish_plan(&b, &finish);
+        }
+    }
 }
 
 #[tokio::test]

@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use backline_core::{Backend, EnqueueOptions, JobManager, JobServer};
-use backline_sql::{SqlBackend, SqlConfig};
+use backline_sql::{sqlx, PlanMode, SqlBackend, SqlConfig};
 use backline_testkit::{Recorder, Task, TaskHandler};
 
 mod support;
 
 use support::corrupt::{self, Dialect};
+use support::fixture;
 
 fn dir() -> PathBuf {
     static CLEANED: std::sync::Once = std::sync::Once::new();
@@ -150,6 +151,58 @@ async fn the_claim_reads_the_claim_index_without_sorting() {
         b.claim_index_name()
     );
     assert!(!plan.contains("TEMP B-TREE"), "the claim sorts:\n{plan}");
+}
+
+/// The claim reads the claim index without sorting, the finish reads the claimed rows through
+/// the primary key, and promotion, lease recovery and retention read their partial index in
+/// its order: without `sqlite_stat1` (Backline never runs `ANALYZE`) and with it (after an
+/// application's `ANALYZE` or `PRAGMA optimize`).
+#[tokio::test]
+async fn with_or_without_statistics_every_statement_keeps_its_plan() {
+    let b = connect(&fresh_url()).await;
+    fixture::fill_every_state(&b).await;
+    let pool = b.sqlite_pool().expect("sqlite").clone();
+    let stats = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("read sqlite_master")
+    };
+    assert_eq!(stats().await, 0, "the table has statistics");
+    assert_plans(&b).await;
+    sqlx::query("ANALYZE")
+        .execute(&pool)
+        .await
+        .expect("analyze");
+    assert_eq!(stats().await, 1, "ANALYZE made no statistics");
+    assert_plans(&b).await;
+}
+
+async fn assert_plans(b: &SqlBackend) {
+    let (claim, finish) = fixture::claim_and_finish(b, PlanMode::Generic).await;
+    assert!(
+        claim.contains(&format!("USING INDEX {} ", b.claim_index_name())),
+        "the claim does not read {}:\n{claim}",
+        b.claim_index_name()
+    );
+    assert!(
+        finish.contains("USING INDEX sqlite_autoindex_"),
+        "the finish does not read the primary key:\n{finish}"
+    );
+    let mut plans = vec![claim, finish];
+    for (index, plan) in fixture::maintenance(b, PlanMode::Generic).await {
+        assert!(
+            plan.contains(&format!("USING INDEX {index} ")),
+            "the statement does not read {index}:\n{plan}"
+        );
+        plans.push(plan);
+    }
+    for plan in plans {
+        assert!(!plan.contains("TEMP B-TREE"), "it sorts:\n{plan}");
+        assert!(!plan.contains("SCAN "), "a full scan:\n{plan}");
+    }
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub(crate) mod corrupt;
+pub(crate) mod fixture;
 
 use std::sync::{Arc, Mutex};
 
