@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use backline_core::provider::{LEASE_EXPIRED_OF, LEASE_EXPIRED_PREFIX};
 use backline_core::{
     Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, ErrorChain, Finish, Job,
     JobFilter, JobId, JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome,
@@ -785,14 +786,15 @@ impl Backend for MySqlBackend {
         if !rows.is_empty() {
             let mut update = sqlx::query(AssertSqlSafe(format!(
                 "UPDATE {t} SET
-                    last_error = CONCAT('lease expired: the worker was lost during attempt ', attempt,
-                        IF(attempt >= max_attempts, CONCAT(' of ', max_attempts), '')),
+                    last_error = CONCAT(?, attempt,
+                        IF(attempt >= max_attempts, CONCAT(?, max_attempts), '')),
                     finished_at = IF(attempt >= max_attempts, UTC_TIMESTAMP(6), NULL),
                     state = IF(attempt >= max_attempts, 'dead', 'ready'),
                     lease_token = NULL, lease_until = NULL
                 WHERE id IN ({})",
                 placeholders(rows.len())
             )));
+            update = update.bind(LEASE_EXPIRED_PREFIX).bind(LEASE_EXPIRED_OF);
             for r in &rows {
                 update = update.bind(r.try_get::<Vec<u8>, _>(0).map_err(&err)?);
                 let last: i64 = r.try_get(2).map_err(&err)?;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use backline_core::provider::{LEASE_EXPIRED_OF, LEASE_EXPIRED_PREFIX};
 use backline_core::ErrorChain;
 use backline_core::{
     Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, Finish, Job, JobFilter, JobId,
@@ -253,8 +254,8 @@ impl Sql {
             expire: s(format!(
                 "UPDATE {t} AS j SET
                     state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'ready' END,
-                    last_error = 'lease expired: the worker was lost during attempt ' || j.attempt
-                        || CASE WHEN j.attempt >= j.max_attempts THEN ' of ' || j.max_attempts ELSE '' END,
+                    last_error = $2::text || j.attempt
+                        || CASE WHEN j.attempt >= j.max_attempts THEN $3::text || j.max_attempts ELSE '' END,
                     finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() ELSE NULL END,
                     lease_token = NULL,
                     lease_until = NULL
@@ -711,7 +712,14 @@ impl PgBackend {
                 ],
             ),
             Statement::Promote => (&self.sql.promote, vec!["1000".to_owned()]),
-            Statement::Recover => (&self.sql.expire, vec!["1000".to_owned()]),
+            Statement::Recover => (
+                &self.sql.expire,
+                vec![
+                    "1000".to_owned(),
+                    text(LEASE_EXPIRED_PREFIX),
+                    text(LEASE_EXPIRED_OF),
+                ],
+            ),
             Statement::Prune => (
                 &self.sql.prune_succeeded,
                 vec!["3600000000".to_owned(), "1000".to_owned()],
@@ -986,6 +994,8 @@ impl Backend for PgBackend {
         }
         let rows = q(&self.sql.expire)
             .bind(batch)
+            .bind(LEASE_EXPIRED_PREFIX)
+            .bind(LEASE_EXPIRED_OF)
             .fetch_all(&self.pool)
             .await
             .map_err(map_err(NAME, "recover expired leases"))?;

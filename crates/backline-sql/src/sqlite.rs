@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use backline_core::provider::{LEASE_EXPIRED_OF, LEASE_EXPIRED_PREFIX};
 use backline_core::{
     Backend, Capabilities, ClaimRequest, ClaimedJob, Counts, Error, ErrorChain, Finish, Job,
     JobFilter, JobId, JobState, LeaseToken, Maintenance, MaintenanceReport, NewJob, Outcome,
@@ -175,8 +176,8 @@ impl Sql {
             expire: s(format!(
                 "UPDATE {t} SET
                     state = CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'ready' END,
-                    last_error = 'lease expired: the worker was lost during attempt ' || attempt
-                        || CASE WHEN attempt >= max_attempts THEN ' of ' || max_attempts ELSE '' END,
+                    last_error = ?3 || attempt
+                        || CASE WHEN attempt >= max_attempts THEN ?4 || max_attempts ELSE '' END,
                     finished_at = CASE WHEN attempt >= max_attempts THEN ?1 ELSE NULL END,
                     lease_token = NULL, lease_until = NULL
                 WHERE id IN (
@@ -521,7 +522,11 @@ impl SqliteBackend {
                 query
             }
             Statement::Promote => explain(&self.sql.promote).bind(now).bind(1_000i64),
-            Statement::Recover => explain(&self.sql.expire).bind(now).bind(1_000i64),
+            Statement::Recover => explain(&self.sql.expire)
+                .bind(now)
+                .bind(1_000i64)
+                .bind(LEASE_EXPIRED_PREFIX)
+                .bind(LEASE_EXPIRED_OF),
             Statement::Prune => explain(&self.sql.prune_succeeded)
                 .bind(now - 3_600_000_000)
                 .bind(1_000i64),
@@ -764,6 +769,8 @@ impl Backend for SqliteBackend {
         let rows = q(&self.sql.expire)
             .bind(now)
             .bind(batch)
+            .bind(LEASE_EXPIRED_PREFIX)
+            .bind(LEASE_EXPIRED_OF)
             .fetch_all(&mut *tx)
             .await
             .map_err(&err)?;
