@@ -8,8 +8,7 @@ use backline_sql::{SqlBackend, SqlConfig};
 use backline_testkit::{eventually, fast_config, Action, Recorder, Task, TaskHandler};
 
 fn url() -> String {
-    std::env::var("BACKLINE_MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
+    backline_testkit::service::MYSQL.url()
 }
 
 const POOL: u32 = 3;
@@ -19,20 +18,23 @@ async fn connect(table: &str) -> Option<SqlBackend> {
         .with_table(table)
         .with_max_connections(POOL)
         .with_connect_timeout(Duration::from_secs(5));
-    match SqlBackend::connect(config).await {
-        Ok(b) => Some(b),
-        Err(e) => {
-            let msg = format!(
-                "MySQL at {} is unreachable ({e})",
-                backline_core::redact_url(&url())
-            );
-            if backline_testkit::require_services() {
-                panic!("{msg}");
-            }
-            eprintln!("\n!!!!!!!!!! SKIPPING MYSQL TESTS: {msg} !!!!!!!!!!\n");
-            None
-        }
+    let up = backline_testkit::service::MYSQL
+        .reachable(|url| async move {
+            let probe = SqlConfig::new(url)
+                .with_max_connections(1)
+                .with_migrate_on_connect(false)
+                .with_connect_timeout(Duration::from_secs(5));
+            SqlBackend::connect(probe).await.map(|_| ())
+        })
+        .await;
+    if !up {
+        return None;
     }
+    Some(
+        SqlBackend::connect(config)
+            .await
+            .unwrap_or_else(|e| panic!("connect to MySQL: {}", backline_core::ErrorChain(&e))),
+    )
 }
 
 /// The server-side ids of every connection of `b`'s pool: all of them are checked out at

@@ -9,8 +9,7 @@ use backline_sql::{SqlBackend, SqlConfig};
 use backline_testkit::{eventually, fast_config, Recorder, Task, TaskHandler};
 
 fn url() -> String {
-    std::env::var("BACKLINE_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    backline_testkit::service::POSTGRES.url()
 }
 
 async fn connect(table: &str) -> Option<SqlBackend> {
@@ -20,20 +19,23 @@ async fn connect(table: &str) -> Option<SqlBackend> {
         .with_max_connections(3)
         .with_poll_interval(Duration::from_secs(3600))
         .with_connect_timeout(Duration::from_secs(5));
-    match SqlBackend::connect(config).await {
-        Ok(b) => Some(b),
-        Err(e) => {
-            let msg = format!(
-                "PostgreSQL at {} is unreachable ({e})",
-                backline_core::redact_url(&url())
-            );
-            if backline_testkit::require_services() {
-                panic!("{msg}");
-            }
-            eprintln!("\n!!!!!!!!!! SKIPPING POSTGRES TESTS: {msg} !!!!!!!!!!\n");
-            None
-        }
+    let up = backline_testkit::service::POSTGRES
+        .reachable(|url| async move {
+            let probe = SqlConfig::new(url)
+                .with_max_connections(1)
+                .with_migrate_on_connect(false)
+                .with_connect_timeout(Duration::from_secs(5));
+            SqlBackend::connect(probe).await.map(|_| ())
+        })
+        .await;
+    if !up {
+        return None;
     }
+    Some(
+        SqlBackend::connect(config)
+            .await
+            .unwrap_or_else(|e| panic!("connect to PostgreSQL: {}", backline_core::ErrorChain(&e))),
+    )
 }
 
 async fn listener_pids(b: &SqlBackend, table: &str) -> Vec<i32> {

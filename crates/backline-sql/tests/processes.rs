@@ -349,27 +349,18 @@ fn fresh_name(prefix: &str) -> String {
     )
 }
 
-/// Whether the server at `url` answers; a missing server fails under
-/// `BACKLINE_REQUIRE_SERVICES=1` and is skipped loudly otherwise.
-async fn reachable(what: &str, url: &str) -> bool {
-    let probe = SqlConfig::new(url)
-        .with_max_connections(1)
-        .with_migrate_on_connect(false)
-        .with_connect_timeout(Duration::from_secs(5));
-    match SqlBackend::connect(probe).await {
-        Ok(_) => true,
-        Err(e) => {
-            let msg = format!(
-                "{what} at {} is unreachable ({e}); start it (`cargo xtask services up`)",
-                backline_core::redact_url(url)
-            );
-            if backline_testkit::require_services() {
-                panic!("{msg}");
-            }
-            eprintln!("\n!!!!!!!!!! SKIPPING THE {what} PROCESS TEST: {msg} !!!!!!!!!!\n");
-            false
-        }
-    }
+/// Whether the server answers (the testkit's probe: a missing server fails under
+/// `BACKLINE_REQUIRE_SERVICES=1` and is skipped loudly otherwise).
+async fn reachable(service: backline_testkit::service::Service) -> bool {
+    service
+        .reachable(|url| async move {
+            let probe = SqlConfig::new(url)
+                .with_max_connections(1)
+                .with_migrate_on_connect(false)
+                .with_connect_timeout(Duration::from_secs(5));
+            SqlBackend::connect(probe).await.map(|_| ())
+        })
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,9 +379,8 @@ async fn two_processes_on_one_sqlite_file_never_run_a_job_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_postgres_table_never_run_a_job_twice() {
-    let url = std::env::var("BACKLINE_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    if !reachable("POSTGRES", &url).await {
+    let url = backline_testkit::service::POSTGRES.url();
+    if !reachable(backline_testkit::service::POSTGRES).await {
         return;
     }
     let table = fresh_name("backline_t");
@@ -414,9 +404,8 @@ async fn two_processes_on_one_postgres_table_never_run_a_job_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_mysql_table_never_run_a_job_twice() {
-    let url = std::env::var("BACKLINE_MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
-    if !reachable("MYSQL", &url).await {
+    let url = backline_testkit::service::MYSQL.url();
+    if !reachable(backline_testkit::service::MYSQL).await {
         return;
     }
     let table = fresh_name("backline_t");

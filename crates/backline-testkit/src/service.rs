@@ -5,7 +5,7 @@
 //!
 //! ```no_run
 //! use backline_testkit::service::POSTGRES;
-//! # async fn probe(url: &str) -> Result<(), String> { Ok(()) }
+//! # async fn probe(url: &str) -> Result<(), std::io::Error> { Ok(()) }
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! // In a test: return early (or panic in CI) when the server is not there.
 //! if !POSTGRES.reachable(|url| async move { probe(&url).await }).await {
@@ -77,7 +77,7 @@ impl Service {
     where
         F: FnOnce(String) -> Fut,
         Fut: Future<Output = Result<(), E>>,
-        E: std::fmt::Display,
+        E: std::error::Error + 'static,
     {
         if let Some(&(_, up)) = backline_core::provider::lock_unpoisoned(answers())
             .iter()
@@ -89,9 +89,10 @@ impl Service {
             Ok(()) => true,
             Err(e) => {
                 let msg = format!(
-                    "{} at {} is unreachable ({e}); start it (`cargo xtask services up`)",
+                    "{} at {} is unreachable ({}); start it (`cargo xtask services up`)",
                     self.label,
-                    backline_core::redact_url(&self.url())
+                    backline_core::redact_url(&self.url()),
+                    backline_core::ErrorChain(&e)
                 );
                 if crate::require_services() {
                     panic!("{msg}");

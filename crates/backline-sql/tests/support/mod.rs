@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use backline_core::Backend;
 use backline_sql::{SqlBackend, SqlConfig};
-use tokio::sync::OnceCell;
 
 /// A database server of the tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,14 +23,7 @@ pub(crate) enum Db {
 impl Db {
     /// The server's URL from the environment, or the loopback default.
     pub(crate) fn url(self) -> String {
-        let (var, default) = match self {
-            Db::Postgres => (
-                "BACKLINE_POSTGRES_URL",
-                "postgres://postgres@127.0.0.1:5432/test",
-            ),
-            Db::Mysql => ("BACKLINE_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
-        };
-        std::env::var(var).unwrap_or_else(|_| default.to_owned())
+        self.service().url()
     }
 
     fn label(self) -> &'static str {
@@ -41,48 +33,28 @@ impl Db {
         }
     }
 
-    fn probe_cell(self) -> &'static OnceCell<bool> {
-        static POSTGRES: OnceCell<bool> = OnceCell::const_new();
-        static MYSQL: OnceCell<bool> = OnceCell::const_new();
+    /// The testkit's description of this server.
+    pub(crate) fn service(self) -> backline_testkit::service::Service {
         match self {
-            Db::Postgres => &POSTGRES,
-            Db::Mysql => &MYSQL,
+            Db::Postgres => backline_testkit::service::POSTGRES,
+            Db::Mysql => backline_testkit::service::MYSQL,
         }
     }
 
-    /// Whether the server answers (probed once per test binary); drops test tables left over
-    /// by runs more than an hour old. Without a server, a loud notice and `false`, or a panic
-    /// under `BACKLINE_REQUIRE_SERVICES=1`.
+    /// Whether the server answers (probed once per test process, by the testkit); drops test
+    /// tables left over by runs more than an hour old. Without a server, a loud notice and
+    /// `false`, or a panic under `BACKLINE_REQUIRE_SERVICES=1`.
     pub(crate) async fn reachable(self) -> bool {
-        *self
-            .probe_cell()
-            .get_or_init(|| async move {
-                let config = SqlConfig::new(self.url())
+        self.service()
+            .reachable(|url| async move {
+                let config = SqlConfig::new(url)
                     .with_table("backline_t_probe")
                     .with_max_connections(1)
                     .with_migrate_on_connect(false)
                     .with_connect_timeout(std::time::Duration::from_secs(5));
-                match SqlBackend::connect(config).await {
-                    Ok(b) => {
-                        self.drop_old_tables(&b).await;
-                        true
-                    }
-                    Err(e) => {
-                        let msg = format!(
-                            "{} at {} is unreachable ({e}); start it (`cargo xtask services up`)",
-                            self.label(),
-                            backline_core::redact_url(&self.url())
-                        );
-                        if backline_testkit::require_services() {
-                            panic!("{msg}");
-                        }
-                        eprintln!(
-                            "\n!!!!!!!!!! SKIPPING {} TESTS: {msg} !!!!!!!!!!\n",
-                            self.label().to_uppercase()
-                        );
-                        false
-                    }
-                }
+                let b = SqlBackend::connect(config).await?;
+                self.drop_old_tables(&b).await;
+                Ok::<_, backline_core::Error>(())
             })
             .await
     }
