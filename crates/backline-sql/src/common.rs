@@ -157,78 +157,68 @@ where
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     let id = row.job_id().map_err(|bad| BadRow { id: None, bad })?;
-    decode_rest(row, id).map_err(|bad| BadRow { id: Some(id), bad })
-}
-
-fn decode_rest<'r, R>(row: &'r R, id: uuid::Uuid) -> Result<Job, BadColumn>
-where
-    R: JobRow,
-    &'static str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i16: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let required = |name: &'static str| -> Result<DateTime<Utc>, BadColumn> {
-        row.time(name)?.ok_or_else(|| BadColumn {
-            column: name,
-            problem: "NULL in a column that needs a time".to_owned(),
-        })
+    let rest = || -> Result<Job, BadColumn> {
+        let required = |name: &'static str| -> Result<DateTime<Utc>, BadColumn> {
+            row.time(name)?.ok_or_else(|| BadColumn {
+                column: name,
+                problem: "NULL in a column that needs a time".to_owned(),
+            })
+        };
+        let state: String = column(row, "state")?;
+        let state = JobState::parse(&state)
+            .ok_or_else(|| out_of_range("state", format!("{state:?} is not a job state")))?;
+        let priority: i16 = column(row, "priority")?;
+        let levels = Priority::Low.value()..=Priority::High.value();
+        if !levels.contains(&priority) {
+            return Err(out_of_range(
+                "priority",
+                format!(
+                    "{priority} is outside {}..={}",
+                    levels.start(),
+                    levels.end()
+                ),
+            ));
+        }
+        let attempt: i32 = column(row, "attempt")?;
+        let attempt = u32::try_from(attempt)
+            .map_err(|_| out_of_range("attempt", format!("{attempt} is negative")))?;
+        let max_attempts: i32 = column(row, "max_attempts")?;
+        let max_attempts = u32::try_from(max_attempts)
+            .ok()
+            .filter(|&m| m >= 1)
+            .ok_or_else(|| {
+                out_of_range(
+                    "max_attempts",
+                    format!("{max_attempts} allows no attempt (at least 1)"),
+                )
+            })?;
+        let timeout_ms: Option<i64> = column(row, "timeout_ms")?;
+        let timeout = timeout_ms
+            .map(|ms| {
+                u64::try_from(ms)
+                    .map(Duration::from_millis)
+                    .map_err(|_| out_of_range("timeout_ms", format!("{ms} is negative")))
+            })
+            .transpose()?;
+        let mut job = Job::new(
+            JobId::from_uuid(id),
+            column::<_, String>(row, "name")?,
+            column::<_, String>(row, "queue")?,
+            column(row, "payload")?,
+        );
+        job.priority = Priority::from_value(priority);
+        job.state = state;
+        job.attempt = attempt;
+        job.max_attempts = max_attempts;
+        job.timeout = timeout;
+        job.enqueued_at = required("enqueued_at")?;
+        job.run_at = required("run_at")?;
+        job.last_error = column(row, "last_error")?;
+        job.lease_until = row.time("lease_until")?;
+        job.finished_at = row.time("finished_at")?;
+        Ok(job)
     };
-    let state: String = column(row, "state")?;
-    let state = JobState::parse(&state)
-        .ok_or_else(|| out_of_range("state", format!("{state:?} is not a job state")))?;
-    let priority: i16 = column(row, "priority")?;
-    let levels = Priority::Low.value()..=Priority::High.value();
-    if !levels.contains(&priority) {
-        return Err(out_of_range(
-            "priority",
-            format!(
-                "{priority} is outside {}..={}",
-                levels.start(),
-                levels.end()
-            ),
-        ));
-    }
-    let attempt: i32 = column(row, "attempt")?;
-    let attempt = u32::try_from(attempt)
-        .map_err(|_| out_of_range("attempt", format!("{attempt} is negative")))?;
-    let max_attempts: i32 = column(row, "max_attempts")?;
-    let max_attempts = u32::try_from(max_attempts)
-        .ok()
-        .filter(|&m| m >= 1)
-        .ok_or_else(|| {
-            out_of_range(
-                "max_attempts",
-                format!("{max_attempts} allows no attempt (at least 1)"),
-            )
-        })?;
-    let timeout_ms: Option<i64> = column(row, "timeout_ms")?;
-    let timeout = timeout_ms
-        .map(|ms| {
-            u64::try_from(ms)
-                .map(Duration::from_millis)
-                .map_err(|_| out_of_range("timeout_ms", format!("{ms} is negative")))
-        })
-        .transpose()?;
-    let mut job = Job::new(
-        JobId::from_uuid(id),
-        column::<_, String>(row, "name")?,
-        column::<_, String>(row, "queue")?,
-        column(row, "payload")?,
-    );
-    job.priority = Priority::from_value(priority);
-    job.state = state;
-    job.attempt = attempt;
-    job.max_attempts = max_attempts;
-    job.timeout = timeout;
-    job.enqueued_at = required("enqueued_at")?;
-    job.run_at = required("run_at")?;
-    job.last_error = column(row, "last_error")?;
-    job.lease_until = row.time("lease_until")?;
-    job.finished_at = row.time("finished_at")?;
-    Ok(job)
+    rest().map_err(|bad| BadRow { id: Some(id), bad })
 }
 
 /// The rows of a claim or a page, split into the jobs that read and the ones that do not.
